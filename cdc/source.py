@@ -1,0 +1,35 @@
+"""The Source protocol: what a source process drives."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from dataflare.cdc.model import Batch, Position
+
+
+class Source(Protocol):
+    """A change stream read in batches.
+
+    Positions: every change carries the commit position of its transaction (the
+    point a consumer resumes after), so positions never decrease along the stream.
+    """
+
+    def open(self, start: Position | None) -> None:
+        """Connect and stream every transaction that commits after ``start``
+        (None: from the beginning, including the initial snapshot if configured)."""
+
+    def read_batch(self, timeout: float) -> Batch | None:
+        """The next batch, or None if nothing arrived within ``timeout`` seconds."""
+
+    def confirm(self, position: Position) -> None:
+        """Everything up to ``position`` is durably applied by every destination;
+        the source may let the server free it (standby status, checkpoint)."""
+
+    @property
+    def exhausted(self) -> bool:
+        """True when a finite source has delivered everything it ever will."""
+
+    def status(self) -> dict[str, Any]:
+        """Progress for status: position, lag_bytes, lag_seconds, snapshot, ..."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,624 @@
+"""The supervisor: the daemon's main process.
+
+It loads the configuration, runs each workflow as one apply process plus one
+source process per source (joined by shared-memory rings), restarts them with
+exponential backoff when they fail, serves the control socket, and drains on
+SIGTERM/SIGINT. Signal handlers only set flags or schedule coroutines; the event
+loop never blocks (the workers do the blocking work).
+
+A workflow's ring contents are never trusted across a restart: on any failure both
+halves are restarted and resume from the destinations' checkpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import os
+import pickle
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dataflare.cdc.errors import EXIT_CONFIG, EXIT_FATAL, EXIT_OK
+from dataflare.daemon import logs, sdnotify
+from dataflare.daemon.config import (
+    ConfigInvalid,
+    ConfigIssue,
+    DaemonConfig,
+    WorkflowConfig,
+    load_daemon_config,
+)
+from dataflare.daemon.ring import RingOwner
+from dataflare.daemon.worker import WorkerSpec
+from loguru import logger
+
+VERSION = "0.1.0"
+RING_CAPACITY = 32 * 1024 * 1024
+DRAIN_TIMEOUT_S = 20.0  # SIGTERM: sources stop, the apply process drains, all exit within this
+KILL_GRACE_S = 3.0
+HEALTHY_AFTER_S = 60.0  # a run this long resets the restart backoff
+SHM_PREFIX = "dataflare"
+
+
+class WorkflowState(enum.StrEnum):
+    STARTING = "starting"
+    SNAPSHOTTING = "snapshotting"
+    STREAMING = "streaming"
+    PAUSED = "paused"
+    RETRYING = "retrying"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class Outcome(enum.Enum):
+    FINISHED = "finished"  # every source ended and everything was applied
+    STOPPED = "stopped"  # we asked it to stop
+    RETRY = "retry"
+    FATAL = "fatal"
+
+
+class _Proc:
+    """A worker process and the JSON status lines it sends."""
+
+    def __init__(
+        self, role: str, proc: asyncio.subprocess.Process, reader_task: asyncio.Task[None]
+    ):
+        self.role = role
+        self.proc = proc
+        self.reader_task = reader_task
+
+
+class WorkflowRunner:
+    def __init__(self, cfg: WorkflowConfig, daemon: DaemonConfig) -> None:
+        self.cfg = cfg
+        self.daemon = daemon
+        self.state = WorkflowState.STOPPED
+        self.desired = "run"  # run | pause | stop
+        self.last_error: str | None = None
+        self.errors = 0
+        self.restarts = 0
+        self.note = ""
+        self.started_at: float | None = None
+        self.log = logger.bind(workflow=cfg.name, component="supervisor")
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._procs: list[_Proc] = []
+        self._source_status: dict[str, dict[str, Any]] = {}
+        self._worker_state: dict[str, str] = {}
+        self._apply_status: dict[str, Any] = {}
+        self._base_in = 0
+        self._base_out = 0
+        self._base_written: dict[str, int] = {}
+
+    # ---------------------------------------------------------------- control
+
+    def start(self) -> None:
+        self.desired = "run"
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._main(), name=f"workflow:{self.cfg.name}")
+
+    async def stop(self, desired: str = "stop") -> None:
+        self.desired = desired
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        self.state = WorkflowState.PAUSED if desired == "pause" else WorkflowState.STOPPED
+
+    async def restart(self) -> None:
+        await self.stop()
+        self.start()
+
+    # ---------------------------------------------------------------- main loop
+
+    async def _main(self) -> None:
+        eh = self.cfg.sources[0].error_handling if self.cfg.sources else None
+        initial = eh.initial_backoff if eh else 0.1
+        maximum = eh.max_backoff if eh else 30.0
+        backoff = initial
+        while self.desired == "run":
+            self.state = WorkflowState.STARTING
+            began = time.monotonic()
+            self.started_at = time.time()
+            try:
+                outcome = await self._run_once()
+            except Exception as e:  # never let one workflow take the daemon down
+                self.log.exception("workflow run failed: {}", e)
+                self.last_error = f"{type(e).__name__}: {e}"
+                self.errors += 1
+                outcome = Outcome.RETRY
+            if outcome is Outcome.FINISHED:
+                self.state = WorkflowState.STOPPED
+                self.note = "all sources finished"
+                self.log.info("workflow finished: every source ended and was applied")
+                return
+            if outcome is Outcome.STOPPED or self.desired != "run":
+                break
+            if outcome is Outcome.FATAL:
+                self.state = WorkflowState.FAILED
+                self.log.error("workflow failed: {}", self.last_error)
+                return
+            if time.monotonic() - began > HEALTHY_AFTER_S:
+                backoff = initial
+            self.state = WorkflowState.RETRYING
+            self.restarts += 1
+            self.log.warning(
+                "restarting in {:.1f}s (restart #{}): {}", backoff, self.restarts, self.last_error
+            )
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=backoff)
+            backoff = min(backoff * 2, maximum)
+        self.state = WorkflowState.PAUSED if self.desired == "pause" else WorkflowState.STOPPED
+
+    async def _run_once(self) -> Outcome:
+        rings: dict[str, RingOwner] = {}
+        self._procs = []
+        self._worker_state = {}
+        self._worker_errors: dict[str, str] = {}
+        try:
+            for s in self.cfg.sources:
+                rings[s.name] = RingOwner.create(
+                    RING_CAPACITY, name_prefix=f"{SHM_PREFIX}.{os.getpid()}"
+                )
+            apply = await self._spawn(
+                "apply",
+                "",
+                {n: r.consumer_handles() for n, r in rings.items()},
+                [fd for r in rings.values() for fd in r.consumer_fds()],
+            )
+            sources = [
+                await self._spawn("source", n, {n: r.producer_handles()}, r.producer_fds())
+                for n, r in rings.items()
+            ]
+            for r in rings.values():
+                r.close_child_ends()
+            self.log.info(
+                "started: apply pid {}, source pids {}",
+                apply.proc.pid,
+                [p.proc.pid for p in sources],
+            )
+            return await self._watch(apply, sources)
+        finally:
+            await self._reap_all()
+            for r in rings.values():
+                r.destroy()
+            self._fold_counters()
+
+    async def _watch(self, apply: _Proc, sources: list[_Proc]) -> Outcome:
+        waits: dict[asyncio.Task[int], _Proc] = {
+            asyncio.create_task(p.proc.wait()): p for p in (apply, *sources)
+        }
+        wake = asyncio.create_task(self._wake.wait())
+        self._wake.clear()
+        try:
+            while True:
+                done, _ = await asyncio.wait({*waits, wake}, return_when=asyncio.FIRST_COMPLETED)
+                if wake in done:
+                    if self.desired != "run":
+                        await self._drain(apply, sources)
+                        return Outcome.STOPPED
+                    self._wake.clear()
+                    wake = asyncio.create_task(self._wake.wait())
+                for t in done - {wake}:
+                    p = waits.pop(t)
+                    rc = t.result()
+                    await p.reader_task
+                    if rc == EXIT_OK and p is not apply:
+                        continue  # a source ended its ring; the apply process drains it
+                    if rc == EXIT_OK and not any(q is not apply for q in waits.values()):
+                        return Outcome.FINISHED
+                    if rc == EXIT_OK:
+                        self.last_error = "apply process exited while sources were running"
+                    else:
+                        self.last_error = await self._root_cause(p, rc, waits)
+                    self.errors += 1
+                    self.log.warning("{} exited with {}", p.role, _describe_rc(rc))
+                    return Outcome.FATAL if rc in (EXIT_FATAL, EXIT_CONFIG) else Outcome.RETRY
+        finally:
+            wake.cancel()
+            for t in waits:
+                t.cancel()
+
+    async def _root_cause(
+        self, first: _Proc, rc: int, others: dict[asyncio.Task[int], _Proc]
+    ) -> str:
+        """Why the run failed. When one worker dies its peers fail too ("the other
+        side of the ring died"); the process that died without saying why (killed,
+        crashed) is the cause, else the first one's own message."""
+        if others:
+            await asyncio.wait(others.keys(), timeout=KILL_GRACE_S)
+        ended = [(first, rc)] + [(q, t.result()) for t, q in others.items() if t.done()]
+        for q, code in ended:
+            if code != EXIT_OK and q.role not in self._worker_errors:
+                return f"{q.role} process exited with {_describe_rc(code)}"
+        return self._worker_errors.get(first.role) or f"{first.role} exited with {_describe_rc(rc)}"
+
+    async def _drain(self, apply: _Proc, sources: list[_Proc]) -> None:
+        """Stop reading, let the apply process apply what is in the rings, exit."""
+        self.log.info("draining")
+        for p in sources:
+            _signal(p.proc, signal.SIGTERM)
+        _signal(apply.proc, signal.SIGTERM)
+        procs = [apply.proc, *(p.proc for p in sources)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), DRAIN_TIMEOUT_S)
+        except TimeoutError:
+            self.log.error("drain took longer than {}s; killing workers", DRAIN_TIMEOUT_S)
+        self.log.info("drained")
+
+    async def _reap_all(self) -> None:
+        for p in self._procs:
+            if p.proc.returncode is None:
+                _signal(p.proc, signal.SIGTERM)
+        for p in self._procs:
+            try:
+                await asyncio.wait_for(p.proc.wait(), KILL_GRACE_S)
+            except TimeoutError:
+                _signal(p.proc, signal.SIGKILL)
+                await p.proc.wait()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(p.reader_task, KILL_GRACE_S)
+
+    async def _spawn(
+        self, role: str, source: str, rings: dict[str, dict[str, int | str]], fds: list[int]
+    ) -> _Proc:
+        r, w = os.pipe()
+        spec = WorkerSpec(
+            role="source" if role == "source" else "apply",
+            workflow=self.cfg,
+            rings=rings,
+            state_dir=self.daemon.daemon.state_dir,
+            status_fd=w,
+            parent_pid=os.getpid(),
+            source=source,
+            log_level=self.daemon.daemon.log_level,
+            log_format=self.daemon.daemon.log_format,
+        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "dataflare.daemon.worker",
+                stdin=asyncio.subprocess.PIPE,
+                pass_fds=[w, *fds],
+            )
+        finally:
+            os.close(w)
+        assert proc.stdin is not None
+        proc.stdin.write(pickle.dumps(spec))
+        await proc.stdin.drain()
+        proc.stdin.close()
+        label = f"source:{source}" if role == "source" else "apply"
+        p = _Proc(label, proc, asyncio.create_task(self._read_status(label, r)))
+        self._procs.append(p)
+        return p
+
+    async def _read_status(self, label: str, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+        )
+        try:
+            async for line in reader:
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                self._on_status(label, msg)
+        finally:
+            transport.close()
+
+    def _on_status(self, label: str, msg: dict[str, Any]) -> None:
+        kind = msg.get("t")
+        if kind == "state":
+            self._worker_state[label] = str(msg.get("state"))
+            states = set(self._worker_state.values())
+            if (
+                len(self._worker_state) == len(self._procs)
+                and self.state is not WorkflowState.RETRYING
+            ):
+                if "snapshotting" in states:
+                    self.state = WorkflowState.SNAPSHOTTING
+                elif states == {"streaming"}:
+                    self.state = WorkflowState.STREAMING
+        elif kind == "status":
+            if msg.get("role") == "source":
+                self._source_status[str(msg.get("source"))] = msg
+            else:
+                self._apply_status = msg
+        elif kind == "error":
+            self._worker_errors[label] = str(msg.get("message"))
+
+    def _fold_counters(self) -> None:
+        """Keep totals across restarts: add this run's counters to the base."""
+        self._base_in += sum(int(s.get("records_in", 0)) for s in self._source_status.values())
+        self._base_out += int(self._apply_status.get("records_out", 0))
+        for name, d in (self._apply_status.get("destinations") or {}).items():
+            self._base_written[name] = self._base_written.get(name, 0) + int(
+                d.get("records_written", 0)
+            )
+        for s in self._source_status.values():
+            s["records_in"] = 0
+        self._apply_status = {
+            **self._apply_status,
+            "records_out": 0,
+            "destinations": {
+                n: {**d, "records_written": 0}
+                for n, d in (self._apply_status.get("destinations") or {}).items()
+            },
+        }
+
+    # ---------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        sources = []
+        for s in self.cfg.sources:
+            st = self._source_status.get(s.name, {})
+            sources.append(
+                {
+                    "name": s.name,
+                    "type": s.type,
+                    "position": st.get("position"),
+                    "lag_bytes": st.get("lag_bytes"),
+                    "lag_seconds": st.get("lag_seconds"),
+                    "snapshot": st.get("snapshot"),
+                    "records_in": self._base_in_for(s.name) + int(st.get("records_in", 0)),
+                    "ring_used": st.get("ring_used"),
+                    "ring_capacity": st.get("ring_capacity"),
+                }
+            )
+        dest_status = self._apply_status.get("destinations") or {}
+        destinations = []
+        for d in self.cfg.destinations:
+            st = dest_status.get(d.name, {})
+            destinations.append(
+                {
+                    "name": d.name,
+                    "type": d.type,
+                    "position": st.get("position"),
+                    "records_written": self._base_written.get(d.name, 0)
+                    + int(st.get("records_written", 0)),
+                }
+            )
+        return {
+            "name": self.cfg.name,
+            "description": self.cfg.description,
+            "state": self.state.value,
+            "sources": sources,
+            "destinations": destinations,
+            "records_in": self._base_in
+            + sum(int(s.get("records_in", 0)) for s in self._source_status.values()),
+            "records_out": self._base_out + int(self._apply_status.get("records_out", 0)),
+            "errors": self.errors,
+            "dead_letters": 0,
+            "last_error": self.last_error,
+            "restarts": self.restarts,
+            "note": self.note,
+            "pids": [p.proc.pid for p in self._procs if p.proc.returncode is None],
+        }
+
+    def _base_in_for(self, source: str) -> int:
+        return self._base_in if len(self.cfg.sources) == 1 else 0
+
+
+def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+
+def _describe_rc(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"signal {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"signal {-rc}"
+    return f"exit code {rc}"
+
+
+def cleanup_stale_rings(shm_dir: str = "/dev/shm") -> int:
+    """Unlink rings left by a daemon that was killed (its pid is in the name)."""
+    removed = 0
+    pat = re.compile(rf"^{SHM_PREFIX}\.(\d+)\.")
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(shm_dir):
+            m = pat.match(name)
+            if not m or int(m.group(1)) == os.getpid():
+                continue
+            try:
+                os.kill(int(m.group(1)), 0)
+                continue  # that daemon is alive
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(shm_dir, name))
+                removed += 1
+    return removed
+
+
+class Supervisor:
+    def __init__(self, config_path: str) -> None:
+        self.config_path = config_path
+        self.config: DaemonConfig | None = None
+        self.config_errors: list[ConfigIssue] = []
+        self.config_generation = 0
+        self.runners: dict[str, WorkflowRunner] = {}
+        self.started = time.time()
+        self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._control: Any = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self) -> int:
+        try:
+            config, issues = load_daemon_config(self.config_path)
+        except ConfigInvalid as e:
+            logs.configure("INFO", "text")
+            for issue in e.issues:
+                logger.error("config: {}", issue)
+            return EXIT_CONFIG
+        self.config = config
+        self.config_errors = list(issues)
+        self.config_generation = 1
+        d = config.daemon
+        logs.configure(d.log_level, d.log_format, component="supervisor")
+        for issue in issues:
+            logger.error("config: {} (workflow left out)", issue)
+        os.makedirs(d.state_dir, mode=0o700, exist_ok=True)
+        if cleaned := cleanup_stale_rings():
+            logger.info("removed {} ring(s) left by a killed daemon", cleaned)
+        from dataflare.daemon.control import ControlServer
+
+        self._control = ControlServer(d.socket, self.handle, self.status)
+        await self._control.start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        logger.info(
+            "dataflare {} started: {} workflow(s), socket {}",
+            VERSION,
+            len(config.workflows),
+            d.socket,
+        )
+        try:
+            for wf in config.workflows:
+                self._start_workflow(wf)
+            sdnotify.notify("READY=1", f"STATUS={self._status_line()}")
+            await self._stop.wait()
+            sdnotify.notify("STOPPING=1")
+            logger.info("stopping: draining {} workflow(s)", len(self.runners))
+        finally:
+            await asyncio.gather(*(r.stop() for r in self.runners.values()), return_exceptions=True)
+            await self._control.close()
+            logger.info("stopped")
+        return EXIT_OK
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _start_workflow(self, wf: WorkflowConfig) -> None:
+        assert self.config is not None
+        runner = WorkflowRunner(wf, self.config)
+        self.runners[wf.name] = runner
+        runner.start()
+
+    def _status_line(self) -> str:
+        states = [r.state.value for r in self.runners.values()]
+        return f"{len(states)} workflow(s): " + ", ".join(
+            f"{states.count(s)} {s}" for s in sorted(set(states))
+        )
+
+    # ---------------------------------------------------------------- reload
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config; start added, stop removed, restart changed workflows.
+        An invalid daemon file keeps the running configuration."""
+        async with self._reload_lock:
+            sdnotify.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            try:
+                try:
+                    config, issues = load_daemon_config(self.config_path)
+                except ConfigInvalid as e:
+                    self.config_errors = list(e.issues)
+                    for issue in e.issues:
+                        logger.error("config rejected, keeping the running one: {}", issue)
+                    return {"applied": False, "errors": [str(i) for i in e.issues]}
+                old = self.config
+                self.config = config
+                self.config_errors = list(issues)
+                self.config_generation += 1
+                if old is None or (old.daemon.log_level, old.daemon.log_format) != (
+                    config.daemon.log_level,
+                    config.daemon.log_format,
+                ):
+                    logs.configure(config.daemon.log_level, config.daemon.log_format, "supervisor")
+                bad_files = {i.file for i in issues}
+                wanted = {w.name: w for w in config.workflows}
+                changed: list[str] = []
+                for name, runner in list(self.runners.items()):
+                    if name not in wanted:
+                        if runner.cfg.file in bad_files:
+                            continue  # its file is broken now: keep running the last good one
+                        await runner.stop()
+                        del self.runners[name]
+                        changed.append(f"-{name}")
+                    elif wanted[name].fingerprint() != runner.cfg.fingerprint():
+                        await runner.stop()
+                        runner.cfg = wanted[name]
+                        runner.daemon = config
+                        runner.start()
+                        changed.append(f"~{name}")
+                for name, wf in wanted.items():
+                    if name not in self.runners:
+                        self._start_workflow(wf)
+                        changed.append(f"+{name}")
+                logger.info(
+                    "config generation {} applied: {}",
+                    self.config_generation,
+                    " ".join(changed) or "no workflow changed",
+                )
+                return {
+                    "applied": True,
+                    "generation": self.config_generation,
+                    "changes": changed,
+                    "errors": [str(i) for i in issues],
+                }
+            finally:
+                sdnotify.notify("READY=1", f"STATUS={self._status_line()}")
+
+    # ---------------------------------------------------------------- control socket
+
+    async def handle(self, cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "status":
+            return self.status()
+        if cmd == "ping":
+            return {"version": VERSION}
+        if cmd == "reload":
+            return await self.reload()
+        if cmd in ("pause", "resume", "restart"):
+            name = str(args.get("workflow", ""))
+            runner = self.runners.get(name)
+            if runner is None:
+                raise KeyError(f"no workflow named {name!r}")
+            if cmd == "pause":
+                await runner.stop("pause")
+            elif cmd == "resume":
+                runner.start()
+            else:
+                await runner.restart()
+            return runner.status()
+        raise ValueError(f"unknown command {cmd!r}")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "daemon": {
+                "version": VERSION,
+                "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started, 1),
+                "config_generation": self.config_generation,
+                "config_file": self.config_path,
+                "config_errors": [
+                    {"file": i.file, "line": i.line, "key": i.key, "message": i.message}
+                    for i in self.config_errors
+                ],
+            },
+            "workflows": [r.status() for r in self.runners.values()],
+        }
+
+
+def run_daemon(config_path: str, on_ready: Callable[[Supervisor], None] | None = None) -> int:
+    sup = Supervisor(config_path)
+    if on_ready:
+        on_ready(sup)
+    return asyncio.run(sup.run())

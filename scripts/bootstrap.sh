@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what DataFlare needs on a fresh machine: Python venv with the project and
+# its dev tools in .venv, and the PostgreSQL/MariaDB binaries the tests start
+# private servers from. Idempotent and quiet when everything is in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+if ((${#need_apt[@]})); then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    echo "DataFlare needs Python >= 3.11 (found $(python3 --version))" >&2; exit 1; }
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+stamp=.venv/.dataflare-installed
+want=$(sha256sum pyproject.toml | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
+        | grep -v -e '^WARNING: Location' -e 'BuildBackendWarning' || true
+    .venv/bin/python -c 'import dataflare.daemon.cli, psycopg, lmdb, msgpack, zstandard, textual'
+    echo "$want" > "$stamp"
+fi
+bash scripts/ensure-servers.sh
