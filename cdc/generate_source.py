@@ -18,6 +18,7 @@ from typing import Any
 from dataflare.cdc.errors import ConfigError
 from dataflare.cdc.generate import GenerateConfig
 from dataflare.cdc.model import Batch, Change, Column, Op, Position, Row, TableId, TableSchema
+from dataflare.cdc.source import SourceContext
 
 KIND = "generate"
 _MASK64 = (1 << 64) - 1
@@ -118,7 +119,7 @@ def expected_rows(cfg: GenerateConfig, upto: int) -> dict[TableId, dict[int, Row
 class GenerateSource:
     """Source protocol implementation over a ChangePlan, paced by ``rate``."""
 
-    def __init__(self, name: str, config: GenerateConfig) -> None:
+    def __init__(self, name: str, config: GenerateConfig, ctx: SourceContext | None = None) -> None:
         self.name = name
         self.cfg = config
         self.plan = ChangePlan(config)

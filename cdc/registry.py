@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dataflare.cdc.generate import GenerateConfig
+from dataflare.cdc.postgres.config import PostgresSourceConfig
 
 
 @dataclass(frozen=True)
@@ -19,4 +20,5 @@ class ConnectorType:
 
 SOURCE_TYPES: dict[str, ConnectorType] = {
     "generate": ConnectorType(GenerateConfig, "dataflare.cdc.generate_source:GenerateSource"),
+    "postgres": ConnectorType(PostgresSourceConfig, "dataflare.cdc.postgres.source:PostgresSource"),
 }

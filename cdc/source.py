@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from dataflare.cdc.model import Batch, Position
@@ -33,3 +35,17 @@ class Source(Protocol):
         """Progress for status: position, lag_bytes, lag_seconds, snapshot, ..."""
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """What a source knows of the workflow it runs in (third constructor argument)."""
+
+    workflow: str
+    state_dir: str = ""
+
+    @property
+    def default_slot(self) -> str:
+        """Default slot and publication name: dataflare_ + the workflow name with every
+        character outside [a-z0-9_] replaced by _."""
+        return "dataflare_" + re.sub(r"[^a-z0-9_]", "_", self.workflow.lower())

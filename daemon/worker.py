@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -46,6 +47,7 @@ from dataflare.cdc.errors import (
 )
 from dataflare.cdc.model import Batch, Position
 from dataflare.cdc.registry import SOURCE_TYPES
+from dataflare.cdc.source import SourceContext
 from dataflare.daemon import logs
 from dataflare.daemon.config import WorkflowConfig
 from dataflare.daemon.dag import destinations_by_source
@@ -152,7 +154,8 @@ def run_source(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
     node = next(n for n in wf.sources if n.name == spec.source)
     log = logger.bind(workflow=wf.name, component=f"source:{node.name}")
     producer = RingProducer.attach(spec.rings[node.name])
-    source = load_class(SOURCE_TYPES[node.type].implementation)(node.name, node.config)
+    ctx = SourceContext(workflow=wf.name, state_dir=spec.state_dir)
+    source = load_class(SOURCE_TYPES[node.type].implementation)(node.name, node.config, ctx)
     try:
         status.send("state", state="starting")
         ack = producer.wait_ack(1, wake_fds=[stop.fd])
@@ -165,6 +168,7 @@ def run_source(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
         log.info("source open, resuming after {}", start if start else "the beginning")
         status.send("state", state="streaming")
         records = batches = 0
+        tally: Counter[tuple[str, str]] = Counter()  # (table, op) -> changes sent
         while not stop.requested:
             batch: Batch | None = source.read_batch(0.25)
             if batch is not None:
@@ -176,6 +180,7 @@ def run_source(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
                 else:
                     records += len(batch)
                     batches += 1
+                    tally.update((str(c.table), c.op.value) for c in batch.changes)
             version, data = producer.ack()
             if version != seen_version:
                 seen_version = version
@@ -192,6 +197,7 @@ def run_source(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
                     batches=batches,
                     ring_used=st.used,
                     ring_capacity=st.capacity,
+                    tables=_table_counts(tally),
                     **source.status(),
                 )
             if source.exhausted:
@@ -206,6 +212,7 @@ def run_source(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
             batches=batches,
             ring_used=st.used,
             ring_capacity=st.capacity,
+            tables=_table_counts(tally),
             **source.status(),
         )
         log.info("source stopping: {} records in {} batches", records, batches)
@@ -213,6 +220,14 @@ def run_source(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
     finally:
         source.close()
         producer.close()
+
+
+def _table_counts(tally: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """{table: {op: changes}} for the status line (op letters as in the change model)."""
+    out: dict[str, dict[str, int]] = {}
+    for (table, op), n in tally.items():
+        out.setdefault(table, {})[op] = n
+    return out
 
 
 # ---------------------------------------------------------------------------- apply

@@ -1,0 +1,200 @@
+"""A logical replication connection driven through psycopg's libpq layer.
+
+psycopg 3's high-level cursors cannot read or write a COPY_BOTH stream, so this
+module speaks to libpq directly (``psycopg.pq``): replication commands with
+``exec_``, then ``get_copy_data``/``put_copy_data`` for XLogData, keepalives and
+standby status updates. The session pins DateStyle, IntervalStyle and
+extra_float_digits: pgoutput's text values follow them.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+
+from dataflare.cdc.errors import FatalError, RetryableError
+from dataflare.cdc.postgres.pgoutput import format_lsn, standby_status
+from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+PINNED_OPTIONS = "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3"
+
+
+def replication_conninfo(dsn: str, connect_timeout: float = 10.0) -> str:
+    params = conninfo_to_dict(dsn)
+    opts = str(params.get("options") or "")
+    params["options"] = f"{opts} {PINNED_OPTIONS}".strip()
+    params["replication"] = "database"
+    params.setdefault("connect_timeout", str(max(1, int(connect_timeout))))
+    params.setdefault("application_name", "dataflare")
+    return make_conninfo("", **params)
+
+
+def safe_target(dsn: str) -> str:
+    """host:port/dbname of a DSN, for messages: never the password."""
+    try:
+        p = conninfo_to_dict(dsn)
+    except Exception:
+        return "(unparsable DSN)"
+    return f"{p.get('host', 'localhost')}:{p.get('port', 5432)}/{p.get('dbname', '')}"
+
+
+def _msg(pgconn: pq.abc.PGconn | None) -> str:
+    if pgconn is None:
+        return ""
+    return pgconn.error_message.decode(errors="replace").strip()
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class ReplicationConnection:
+    def __init__(self, dsn: str, connect_timeout: float = 10.0) -> None:
+        self.target = safe_target(dsn)
+        self._conninfo = replication_conninfo(dsn, connect_timeout)
+        self.pgconn: pq.abc.PGconn | None = None
+        self.streaming = False
+
+    def connect(self) -> None:
+        pgconn = pq.PGconn.connect(self._conninfo.encode())
+        if pgconn.status != pq.ConnStatus.OK:
+            message = _msg(pgconn)
+            pgconn.finish()
+            if (
+                "no pg_hba.conf entry for replication" in message
+                or "must be superuser or replication" in message
+                or "permission denied to start WAL sender" in message
+            ):
+                raise FatalError(
+                    f"postgres {self.target}: the user may not replicate ({message}); grant it: "
+                    "ALTER ROLE <user> REPLICATION, and allow `replication` connections in "
+                    "pg_hba.conf"
+                )
+            raise RetryableError(
+                f"postgres {self.target}: replication connection failed: {message}"
+            )
+        self.pgconn = pgconn
+
+    def command(self, sql: str) -> list[tuple[str | None, ...]]:
+        """Run a replication command; rows as text."""
+        assert self.pgconn is not None
+        res = self.pgconn.exec_(sql.encode())
+        if res.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
+            message = res.error_message.decode(errors="replace").strip() or _msg(self.pgconn)
+            state = res.error_field(pq.DiagnosticField.SQLSTATE)
+            res.clear()
+            raise CommandError(message, state.decode() if state else "")
+        rows = []
+        for i in range(res.ntuples):
+            rows.append(
+                tuple(
+                    None if (v := res.get_value(i, j)) is None else bytes(v).decode()
+                    for j in range(res.nfields)
+                )
+            )
+        res.clear()
+        return rows
+
+    def start(self, slot: str, start_lsn: int, publication: str) -> None:
+        assert self.pgconn is not None
+        pub = publication.replace("'", "''")
+        sql = (
+            f"START_REPLICATION SLOT {quote_ident(slot)} LOGICAL {format_lsn(start_lsn)} "
+            f"(proto_version '1', publication_names '{quote_ident(pub)}')"
+        )
+        self.pgconn.send_query(sql.encode())
+        res = self.pgconn.get_result()
+        if res is None or res.status != pq.ExecStatus.COPY_BOTH:
+            message = (
+                res.error_message.decode(errors="replace").strip() if res else _msg(self.pgconn)
+            )
+            state = res.error_field(pq.DiagnosticField.SQLSTATE) if res else None
+            raise CommandError(message, state.decode() if state else "")
+        self.pgconn.nonblocking = 1
+        self.streaming = True
+
+    def read(self, timeout: float) -> memoryview | None:
+        """The next CopyData payload, or None if none arrived within ``timeout``."""
+        assert self.pgconn is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            n, data = self.pgconn.get_copy_data(1)
+            if n > 0:
+                return data
+            if n == -1:
+                self._finish_copy()
+                raise RetryableError(
+                    f"postgres {self.target}: the server ended the replication stream"
+                )
+            if n < -1:
+                raise RetryableError(
+                    f"postgres {self.target}: replication stream error: {_msg(self.pgconn)}"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            r, _, _ = select.select([self.pgconn.socket], [], [], remaining)
+            if r:
+                try:
+                    self.pgconn.consume_input()
+                except Exception:
+                    raise RetryableError(
+                        f"postgres {self.target}: connection lost: {_msg(self.pgconn)}"
+                    ) from None
+
+    def send_status(self, flush_lsn: int, reply: bool = False) -> None:
+        assert self.pgconn is not None
+        msg = standby_status(flush_lsn, time.time_ns() // 1000, reply)
+        try:
+            if self.pgconn.put_copy_data(msg) != 1:
+                raise RetryableError(
+                    f"postgres {self.target}: cannot send standby status: {_msg(self.pgconn)}"
+                )
+            while self.pgconn.flush() == 1:
+                select.select([], [self.pgconn.socket], [], 1.0)
+        except RetryableError:
+            raise
+        except Exception:
+            raise RetryableError(
+                f"postgres {self.target}: connection lost: {_msg(self.pgconn)}"
+            ) from None
+
+    def _finish_copy(self) -> None:
+        # After CopyDone the server may still send in-flight data, then results.
+        assert self.pgconn is not None
+        self.streaming = False
+        for _ in range(4):
+            res = self.pgconn.get_result()
+            if res is None:
+                break
+
+    def close(self) -> None:
+        if self.pgconn is None:
+            return
+        try:
+            if self.streaming:
+                self.pgconn.put_copy_end()
+                self.pgconn.flush()
+                deadline = time.monotonic() + 2.0
+                while time.monotonic() < deadline:
+                    n, _ = self.pgconn.get_copy_data(1)
+                    if n == -1:
+                        break
+                    if n == 0:
+                        select.select([self.pgconn.socket], [], [], 0.2)
+                        self.pgconn.consume_input()
+                    elif n < -1:
+                        break
+                self._finish_copy()
+        except Exception:
+            pass
+        finally:
+            self.pgconn.finish()
+            self.pgconn = None
+
+
+class CommandError(RetryableError):
+    def __init__(self, message: str, sqlstate: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate

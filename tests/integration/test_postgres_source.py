@@ -1,0 +1,257 @@
+"""The postgres source against a private PostgreSQL 15: snapshot, stream, resume."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from dataflare.cdc.errors import FatalError
+from dataflare.cdc.model import Batch, Change, Op, Position
+from dataflare.cdc.postgres.config import PostgresSourceConfig
+from dataflare.cdc.postgres.pgoutput import parse_lsn
+from dataflare.cdc.postgres.source import PostgresSource, parse_table_name
+from dataflare.cdc.source import SourceContext
+
+pytestmark = pytest.mark.integration
+
+
+def make_source(dsn: str, **cfg: Any) -> PostgresSource:
+    cfg.setdefault("tables", ["public.items"])
+    cfg.setdefault("batch_timeout", 0.01)
+    cfg.setdefault("status_interval", 0.2)
+    return PostgresSource("src", PostgresSourceConfig(dsn=dsn, **cfg), SourceContext("wf test"))
+
+
+def drain(src: PostgresSource, want: int, timeout: float = 15) -> list[Batch]:
+    """Batches until ``want`` changes arrived (snapshot or stream)."""
+    out: list[Batch] = []
+    got = 0
+    deadline = time.monotonic() + timeout
+    while got < want:
+        assert time.monotonic() < deadline, f"only {got} of {want} changes arrived"
+        b = src.read_batch(0.2)
+        if b is not None:
+            out.append(b)
+            got += len(b)
+    return out
+
+
+def changes(batches: list[Batch]) -> list[Change]:
+    return [c for b in batches for c in b.changes]
+
+
+def run(dsn: str, *stmts: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for s in stmts:
+            conn.execute(s)
+
+
+@pytest.fixture
+def items_db(pg_db: str) -> Iterator[str]:
+    run(
+        pg_db,
+        "CREATE TABLE items (id int PRIMARY KEY, name text, price numeric(10,2))",
+        "INSERT INTO items SELECT g, 'n' || g, g * 1.5 FROM generate_series(1, 250) g",
+    )
+    yield pg_db
+
+
+def test_snapshot_then_stream_without_gap_or_overlap(items_db: str) -> None:
+    src = make_source(items_db, batch_size=100)
+    try:
+        src.open(None)
+        # A change committed after the slot's snapshot must come from the stream only.
+        run(
+            items_db,
+            "INSERT INTO items VALUES (1000, 'late', 1)",
+            "UPDATE items SET name='x' WHERE id=1",
+        )
+        snap = drain(src, 250)
+        assert all(not b.complete for b in snap)
+        assert sorted(c.after[0] for c in changes(snap)) == list(range(1, 251))  # type: ignore[index]
+        assert all(c.op is Op.READ for c in changes(snap))
+        done = src.read_batch(1.0)
+        assert done is not None and done.complete and not done.changes
+        consistent = done.last
+        stream = drain(src, 2)
+        ops = [(c.op, c.after) for c in changes(stream)]
+        assert ops == [
+            (Op.INSERT, (1000, "late", Decimal("1.00"))),
+            (Op.UPDATE, (1, "x", Decimal("1.50"))),
+        ]
+        assert all(c.position > consistent for c in changes(stream))
+        assert src.status()["snapshot"]["state"] == "done"
+        assert src.status()["snapshot"]["rows_done"] == 250
+    finally:
+        src.close()
+
+
+def test_positions_are_commit_end_lsns_and_resume_skips_applied(items_db: str) -> None:
+    src = make_source(items_db, snapshot="never")
+    try:
+        src.open(None)
+        for i in range(5):
+            run(items_db, f"INSERT INTO items VALUES ({2000 + i}, 't{i}', {i})")
+        got = changes(drain(src, 5))
+        positions = [c.position.value for c in got]
+        assert positions == sorted(positions) and len(set(positions)) == 5
+        resume_after = got[2].position
+        src.confirm(resume_after)
+    finally:
+        src.close()
+    # A new session resumes after the third transaction: exactly the last two come again.
+    src2 = make_source(items_db, snapshot="never")
+    try:
+        src2.open(resume_after)
+        again = changes(drain(src2, 2))
+        assert [c.after[0] for c in again] == [2003, 2004]  # type: ignore[index]
+        time.sleep(0.5)
+        assert src2.read_batch(0.3) is None
+    finally:
+        src2.close()
+
+
+def test_confirmed_position_reaches_the_slot_and_idle_heartbeat(items_db: str) -> None:
+    src = make_source(items_db, snapshot="never")
+    try:
+        src.open(None)
+        run(items_db, "INSERT INTO items VALUES (3000, 'a', 1)")
+        batch = drain(src, 1)[0]
+        src.confirm(batch.last)
+        # Unrelated WAL (a table outside the publication) must not hold the slot back.
+        run(
+            items_db,
+            "CREATE TABLE other (x int)",
+            "INSERT INTO other SELECT generate_series(1, 1000)",
+        )
+        with psycopg.connect(items_db, autocommit=True) as conn:
+            current = parse_lsn(conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0])  # type: ignore[index]
+            deadline = time.monotonic() + 15
+            confirmed = 0
+            while time.monotonic() < deadline:
+                src.read_batch(0.3)
+                row = conn.execute(
+                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots "
+                    "WHERE slot_name = 'dataflare_wf_test'"
+                ).fetchone()
+                confirmed = parse_lsn(row[0])  # type: ignore[index]
+                if confirmed >= current:
+                    break
+            assert confirmed >= current > batch.last.value
+        st = src.status()
+        assert st["lag_bytes"] >= 0 and st["lag_seconds"] == 0.0
+    finally:
+        src.close()
+
+
+def test_types_toast_identity_full_and_truncate(pg_db: str) -> None:
+    run(
+        pg_db,
+        "CREATE TYPE mood AS ENUM ('sad', 'happy')",
+        "CREATE DOMAIN posint AS int CHECK (VALUE > 0)",
+        """CREATE TABLE t (id bigint PRIMARY KEY, n numeric, f float8, ts timestamptz,
+           iv interval, arr int[], j jsonb, b bytea, u uuid, m mood, d posint, ip inet,
+           big text)""",
+        "ALTER TABLE t ALTER COLUMN big SET STORAGE EXTERNAL",
+        "CREATE TABLE nokey (a int, b text)",
+        "ALTER TABLE nokey REPLICA IDENTITY FULL",
+    )
+    src = make_source(pg_db, tables=["public.t", "nokey"], snapshot="never")
+    # Out-of-line TOAST (incompressible), left unchanged by the update below.
+    big = "".join(__import__("hashlib").sha256(str(i).encode()).hexdigest() for i in range(800))
+    try:
+        src.open(None)
+        run(
+            pg_db,
+            f"""INSERT INTO t VALUES (1, 'NaN', '-Infinity', '2026-01-02 03:04:05.123456+02',
+               '1 mon 2 days 03:04:05', '{{1,NULL,3}}', '{{"a": [1, 2.5]}}', '\\x00ff',
+               'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'happy', 7, '10.1.2.3/16', '{big}')""",
+            "UPDATE t SET n = 12345678901234567890.123456789 WHERE id = 1",
+            "INSERT INTO nokey VALUES (1, 'a'), (1, 'a')",
+            "DELETE FROM nokey WHERE ctid = (SELECT ctid FROM nokey LIMIT 1)",
+            "TRUNCATE nokey",
+        )
+        got = changes(drain(src, 6))
+    finally:
+        src.close()
+    ins, upd = got[0], got[1]
+    assert ins.op is Op.INSERT and ins.key == (1,)
+    row = ins.after
+    assert row is not None
+    assert row[1].is_nan() and row[2] == float("-inf")
+    assert row[3].isoformat() == "2026-01-02T01:04:05.123456+00:00"
+    assert row[5] == [1, None, 3] and row[6] == {"a": [1, 2.5]} and row[7] == b"\x00\xff"
+    assert str(row[8]) == "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11" and row[9] == "happy"
+    assert row[10] == 7 and str(row[11]) == "10.1.2.3/16" and row[12] == big
+    assert upd.op is Op.UPDATE and upd.unchanged == frozenset({"big"})
+    assert upd.after is not None and upd.after[1] == Decimal("12345678901234567890.123456789")
+    ins2 = [c for c in got if c.table.name == "nokey"]
+    assert [c.op for c in ins2] == [Op.INSERT, Op.INSERT, Op.DELETE, Op.TRUNCATE]
+    assert ins2[2].before == (1, "a") and ins2[2].key is None
+    schemas = {c.table.name for c in got}
+    assert schemas == {"t", "nokey"}
+
+
+def test_large_transaction_is_spilled_in_incomplete_batches(items_db: str) -> None:
+    src = make_source(items_db, snapshot="never", batch_size=100)
+    try:
+        src.open(None)
+        run(items_db, "INSERT INTO items SELECT g, 'big', 1 FROM generate_series(10000, 11999) g")
+        batches = drain(src, 2000)
+        deadline = time.monotonic() + 10
+        while not batches[-1].complete and time.monotonic() < deadline:
+            b = src.read_batch(0.2)
+            if b is not None:
+                batches.append(b)
+    finally:
+        src.close()
+    assert not batches[0].complete
+    assert batches[-1].complete
+    assert sum(len(b) for b in batches) == 2000
+    assert all(b.last <= batches[-1].last for b in batches)
+    assert all(c.position <= batches[-1].last for b in batches for c in b.changes)
+
+
+def test_table_without_key_under_default_identity_is_refused(pg_db: str) -> None:
+    run(pg_db, "CREATE TABLE bare (a int)")
+    src = make_source(pg_db, tables=["bare"])
+    with pytest.raises(FatalError, match="REPLICA IDENTITY FULL"):
+        src.open(None)
+    src.close()
+
+
+def test_dropped_slot_with_a_checkpoint_is_fatal(items_db: str) -> None:
+    src = make_source(items_db, snapshot="never")
+    src.open(None)
+    src.close()
+    run(items_db, "SELECT pg_drop_replication_slot('dataflare_wf_test')")
+    again = make_source(items_db, snapshot="never")
+    with pytest.raises(FatalError, match="is gone"):
+        again.open(Position("postgres", 1))
+    again.close()
+
+
+def test_parse_table_name() -> None:
+    assert str(parse_table_name('public."Order Items"')) == "public.Order Items"
+    assert parse_table_name("Items").name == "items"
+    assert parse_table_name('"we""ird"."a.b"').name == "a.b"
+    assert parse_table_name('"we""ird"."a.b"').schema == 'we"ird'
+
+
+def test_check_and_drop_slot_hooks(items_db: str) -> None:
+    cfg = PostgresSourceConfig(dsn=items_db, tables=["items"], snapshot="never")
+    ctx = SourceContext("wf test")
+    lines = PostgresSource.check("src", cfg, ctx)
+    assert all(ok for ok, _ in lines), lines
+    assert any("will be created" in text for _, text in lines)
+    src = PostgresSource("src", cfg, ctx)
+    src.open(None)
+    src.close()
+    assert PostgresSource.drop_slot("src", cfg, ctx) is True
+    assert PostgresSource.drop_slot("src", cfg, ctx) is False
+    bad = PostgresSource.check("src", PostgresSourceConfig(dsn=items_db + " port=1"), ctx)
+    assert bad[0][0] is False and "cannot connect" in bad[0][1]
