@@ -146,6 +146,8 @@ class PostgresSource:
         self._ready: list[Change] = []
         self._ready_last: Position | None = None  # set while a complete batch is ready
         self._spilled = False  # the open transaction was partly sent already
+        self._ready_schemas: dict[TableId, TableSchema] = {}  # layouts of the ready changes
+        self._queue: deque[Batch] = deque()  # batches cut at a layout change, sent first
         self._sent_txns: deque[tuple[int, int]] = deque()  # (end_lsn, commit_ts_us) not confirmed
         self._last_sent_end = 0
         self._confirmed = 0
@@ -562,30 +564,52 @@ class PostgresSource:
         return schema, [oid for _, _, oid, _, _ in rows]
 
     def _on_relation(self, msg: po.Relation) -> None:
+        """A table's layout as the following tuples carry it (the historic one while
+        catching up); the current catalog adds type names with modifiers and the key."""
         assert self._catalog is not None
         t = TableId(msg.namespace, msg.name)
-        # The Relation message's columns are what the following tuples carry; the
-        # catalog adds full type names (with modifiers) and the primary key.
-        cat_schema, _ = self._table_schema(t, msg.relid, self._catalog)
-        by_name = {c.name: c for c in cat_schema.columns}
+        catalog = {
+            name: (tname, oid, nullable, pk)
+            for name, tname, oid, nullable, pk in self._catalog.execute(
+                _COLUMNS_SQL, (msg.relid,)
+            ).fetchall()
+        }
         columns = []
         for c in msg.columns:
-            known = by_name.get(c.name)
-            tname = (
-                known.type_name if known and known.type_oid == c.type_oid else self._format_type(c)
-            )
-            columns.append(Column(c.name, tname, known.nullable if known else True, c.type_oid))
-        key = tuple(k for k in cat_schema.key if k in {c.name for c in msg.columns})
-        schema = TableSchema(t, tuple(columns), key, cat_schema.version)
-        if schema.columns != cat_schema.columns:
-            prev = self._schema_versions.get(t)
-            schema = TableSchema(t, tuple(columns), key, (prev.version + 1) if prev else 1)
-            self._schema_versions[t] = schema
+            known = catalog.get(c.name)
+            same = known is not None and known[1] == c.type_oid
+            tname = known[0] if same and known else self._format_type(c)
+            columns.append(Column(c.name, tname, known[2] if known else True, c.type_oid))
+        if msg.replica_identity == "i":  # REPLICA IDENTITY USING INDEX: that index is the key
+            key = tuple(c.name for c in msg.columns if c.is_key)
+        else:
+            key = tuple(c.name for c in msg.columns if c.name in catalog and catalog[c.name][3])
+        prev = self._schema_versions.get(t)
+        if prev is not None and (prev.columns, prev.key) == (tuple(columns), key):
+            schema = prev
+        else:
+            schema = TableSchema(t, tuple(columns), key, prev.version + 1 if prev else 1)
+            if prev is not None:
+                self.log.info("layout of {} changed (version {})", t, schema.version)
+        self._schema_versions[t] = schema
+        old = self._relations.get(msg.relid)
+        if old is not None and old.schema is not schema:
+            self._cut_at_layout_change(t)
         tx = Transformer(self._catalog)
         oids = [c.type_oid for c in msg.columns]
         tx.set_loader_types(self._loader_oids(oids), pq.Format.TEXT)
         names = schema.column_names
         self._relations[msg.relid] = _Relation(schema, oids, tx, tuple(names.index(k) for k in key))
+
+    def _cut_at_layout_change(self, table: TableId) -> None:
+        """A batch has one layout per table: changes buffered under the old layout
+        leave in batches of their own before any change in the new one."""
+        in_txn = any(p.rel.schema.table == table for p in self._txn)
+        in_ready = any(c.table == table for c in self._ready)
+        if (in_txn or in_ready) and self._ready_last is not None:
+            self._queue.append(self._take_ready())
+        if in_txn:  # DDL inside the transaction: its first part goes out incomplete
+            self._queue.append(self._spill())
 
     def _loader_oids(self, oids: list[int]) -> list[int]:
         """Domains load as their base type (psycopg has no loader for a domain's OID)."""
@@ -627,6 +651,8 @@ class PostgresSource:
         first_at: float | None = time.monotonic() if self._ready_last else None
         spill = self.cfg.batch_size * SPILL_FACTOR
         while True:
+            if self._queue:
+                return self._queue.popleft()
             now = time.monotonic()
             self._maybe_send_status(now)
             if self._ready_last is not None and (
@@ -713,6 +739,8 @@ class PostgresSource:
             return False  # nothing published in it; the keepalive heartbeat covers it
         # A spilled transaction always ends with a complete batch, even an empty one.
         pos = Position(KIND, msg.end_lsn)
+        for p in pending:
+            self._ready_schemas[p.rel.schema.table] = p.rel.schema
         self._ready.extend(
             self._changes(pending, pos, begin.xid if begin else None, msg.commit_ts_us)
         )
@@ -725,8 +753,8 @@ class PostgresSource:
         assert self._ready_last is not None
         last, self._ready_last = self._ready_last, None
         self._last_sent_end = max(self._last_sent_end, last.value)
-        tables = {c.table for c in changes}
-        schemas = [self._schema_versions[t] for t in sorted(tables)]
+        schemas = [s for _, s in sorted(self._ready_schemas.items())]
+        self._ready_schemas = {}
         first = changes[0].position if changes else last
         return Batch(changes, schemas, first, last, complete=True)
 
@@ -737,15 +765,14 @@ class PostgresSource:
         self._spilled = True
         pos = Position(KIND, self._begin.final_lsn + 1, "partial")
         changes = self._changes(pending, pos, self._begin.xid, self._begin.commit_ts_us)
-        tables = {c.table for c in changes}
-        return Batch(
-            changes, [self._schema_versions[t] for t in sorted(tables)], pos, pos, complete=False
-        )
+        schemas = {p.rel.schema.table: p.rel.schema for p in pending}
+        return Batch(changes, [s for _, s in sorted(schemas.items())], pos, pos, complete=False)
 
     def _idle(self) -> bool:
         return (
             self._begin is None
             and self._ready_last is None
+            and not self._queue
             and self._last_sent_end <= self._confirmed
         )
 

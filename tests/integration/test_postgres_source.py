@@ -255,3 +255,63 @@ def test_check_and_drop_slot_hooks(items_db: str) -> None:
     assert PostgresSource.drop_slot("src", cfg, ctx) is False
     bad = PostgresSource.check("src", PostgresSourceConfig(dsn=items_db + " port=1"), ctx)
     assert bad[0][0] is False and "cannot connect" in bad[0][1]
+
+
+def test_text_values_do_not_follow_the_users_datestyle(pg_db: str) -> None:
+    """pgoutput's text values follow the walsender session's DateStyle/IntervalStyle:
+    the source pins ISO/postgres, whatever the role or database default is."""
+    dbname = psycopg.conninfo.conninfo_to_dict(pg_db)["dbname"]
+    run(
+        pg_db,
+        f"ALTER DATABASE \"{dbname}\" SET datestyle = 'SQL, DMY'",
+        f"ALTER DATABASE \"{dbname}\" SET intervalstyle = 'sql_standard'",
+        f'ALTER DATABASE "{dbname}" SET extra_float_digits = 0',
+        "CREATE TABLE d (id int PRIMARY KEY, day date, ts timestamp, iv interval, f float8)",
+    )
+    src = make_source(pg_db, tables=["d"], snapshot="never")
+    try:
+        src.open(None)
+        run(
+            pg_db,
+            "INSERT INTO d VALUES (1, '2026-02-03', '2026-02-03 04:05:06.5', "
+            "'1 day 02:03:04', 0.1::float8 + 0.2::float8)",
+        )
+        row = changes(drain(src, 1))[0].after
+    finally:
+        src.close()
+    assert row is not None
+    assert str(row[1]) == "2026-02-03" and str(row[2]) == "2026-02-03 04:05:06.500000"
+    assert str(row[3]) == "1 day, 2:03:04" and row[4] == 0.1 + 0.2
+
+
+def test_layout_change_cuts_batches(items_db: str) -> None:
+    """Rows before and after ALTER TABLE never share a batch (one layout per table)."""
+    src = make_source(items_db, snapshot="never", batch_size=1000, batch_timeout=0.5)
+    try:
+        src.open(None)
+        run(
+            items_db,
+            "INSERT INTO items VALUES (5001, 'a', 1)",
+            "ALTER TABLE items ADD COLUMN note text",
+            "INSERT INTO items VALUES (5002, 'b', 2, 'n')",
+        )
+        with psycopg.connect(items_db) as conn:  # DDL inside one transaction
+            conn.execute("INSERT INTO items VALUES (5003, 'c', 3, 'x')")
+            conn.execute("ALTER TABLE items DROP COLUMN price")
+            conn.execute("INSERT INTO items VALUES (5004, 'd', 'y')")
+        batches = drain(src, 4)
+        deadline = time.monotonic() + 5
+        while not batches[-1].complete and time.monotonic() < deadline:
+            b = src.read_batch(0.2)
+            if b is not None:
+                batches.append(b)
+    finally:
+        src.close()
+    for b in batches:
+        layout = {s.table: s for s in b.schemas}
+        for c in b.changes:
+            assert c.after is not None
+            assert len(c.after) == len(layout[c.table].columns), (c, layout[c.table])
+    widths = [len(c.after) for b in batches for c in b.changes]  # type: ignore[arg-type]
+    assert widths == [3, 4, 4, 3]
+    assert batches[-1].complete
