@@ -797,5 +797,10 @@ def _changes(raw: list[Any], tables: dict[int, TableId], kind: str) -> list[Chan
             raise _corrupt("unchanged columns are not an array of names")
         if (xid is not None and type(xid) is not int) or (ts is not None and type(ts) is not int):
             raise _corrupt("bad xid or commit timestamp")
-        append(Change(ops[op], tables[ti], pos, key, before, after, unchanged, xid, ts))
+        append(
+            _new_change(Change, (ops[op], tables[ti], pos, key, before, after, unchanged, xid, ts))
+        )
     return changes
+
+
+_new_change = tuple.__new__  # Change is a NamedTuple: skip its Python-level __new__

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 Row = tuple[Any, ...]
 
@@ -74,8 +74,10 @@ class TableSchema:
         return tuple(names.index(k) for k in self.key)
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
+    """One row change. A NamedTuple, not a dataclass: millions are made per minute
+    and a tuple is several times cheaper to build (and still immutable)."""
+
     op: Op
     table: TableId
     position: Position

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from dataflare.cdc.settings import HELP, SECRET, duration
 
 
 @dataclass(frozen=True)
@@ -18,3 +20,17 @@ class FileSinkConfig:
 @dataclass(frozen=True)
 class StdoutSinkConfig:
     format: Literal["jsonl", "text"] = "jsonl"
+
+
+@dataclass(frozen=True)
+class PostgresSinkConfig:
+    """The `postgres` destination (see docs/sinks-postgres.md)."""
+
+    dsn: str = field(metadata={SECRET: True, HELP: "libpq conninfo or URL"})
+    schema: str | None = None  # target schema; None: the source table's schema
+    mode: Literal["upsert", "append"] = "upsert"
+    create_tables: bool = True  # create/alter target tables from the source schema
+    checkpoint_schema: str = "dataflare"  # holds the `checkpoints` table
+    append_suffix: str = "_changes"  # mode append: change log table = <table><suffix>
+    connect_timeout: float = duration(10.0)
+    lock_timeout: float = duration(15.0, "wait this long for another writer to let go")

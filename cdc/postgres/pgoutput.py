@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from dataflare.cdc.errors import FatalError
 
@@ -88,22 +88,19 @@ class TypeMsg:
     name: str
 
 
-@dataclass(frozen=True, slots=True)
-class Insert:
+class Insert(NamedTuple):
     relid: int
     new: TupleData
 
 
-@dataclass(frozen=True, slots=True)
-class Update:
+class Update(NamedTuple):
     relid: int
     old: TupleData | None  # key columns ('K') or the full old row ('O'), if sent
     old_is_key: bool
     new: TupleData
 
 
-@dataclass(frozen=True, slots=True)
-class Delete:
+class Delete(NamedTuple):
     relid: int
     old: TupleData
     old_is_key: bool
@@ -246,9 +243,73 @@ def _relation(r: _Reader) -> Relation:
 _I32_PAIR = struct.Struct(">ii")
 
 
+def _tuple_at(buf: bytes, pos: int) -> tuple[TupleData, int]:
+    """TupleData at ``pos`` -> (values, end). Raises IndexError/struct.error/ValueError
+    on malformed input (the caller re-decodes slowly for a precise message)."""
+    n = (buf[pos] << 8) | buf[pos + 1]
+    if n & 0x8000:
+        raise ValueError
+    pos += 2
+    out: list[TupleValue] = []
+    append = out.append
+    unpack = _I32.unpack_from
+    for _ in range(n):
+        kind = buf[pos]
+        if kind == 0x74:  # 't'
+            (length,) = unpack(buf, pos + 1)
+            start = pos + 5
+            pos = start + length
+            if length < 0 or pos > len(buf):
+                raise ValueError
+            append(buf[start:pos])
+        elif kind == 0x6E:  # 'n'
+            append(None)
+            pos += 1
+        elif kind == 0x75:  # 'u'
+            append(UNCHANGED)
+            pos += 1
+        else:
+            raise ValueError
+    return tuple(out), pos
+
+
+_U32_AT = _U32.unpack_from
+_new = tuple.__new__
+
+
 def decode(data: bytes | bytearray | memoryview) -> Message:
     """One pgoutput message (the payload of an XLogData 'w' message)."""
-    buf = bytes(data)
+    buf = data if type(data) is bytes else bytes(data)
+    # Fast path for row changes, the bulk of the stream; anything odd (including
+    # malformed input) falls through to the careful decoder below.
+    try:
+        tag = buf[0]
+        if tag == 0x49 and buf[5] == 0x4E:  # 'I' ... 'N'
+            new, end = _tuple_at(buf, 6)
+            if end == len(buf):
+                return _new(Insert, (_U32_AT(buf, 1)[0], new))  # type: ignore[no-any-return]
+        elif tag == 0x55:  # 'U'
+            kind = buf[5]
+            if kind == 0x4E:
+                new, end = _tuple_at(buf, 6)
+                if end == len(buf):
+                    return _new(Update, (_U32_AT(buf, 1)[0], None, False, new))  # type: ignore[no-any-return]
+            elif kind in (0x4B, 0x4F):
+                old, end = _tuple_at(buf, 6)
+                if buf[end] == 0x4E:
+                    new, end2 = _tuple_at(buf, end + 1)
+                    if end2 == len(buf):
+                        return _new(Update, (_U32_AT(buf, 1)[0], old, kind == 0x4B, new))  # type: ignore[no-any-return]
+        elif tag == 0x44 and buf[5] in (0x4B, 0x4F):  # 'D'
+            old, end = _tuple_at(buf, 6)
+            if end == len(buf):
+                return _new(Delete, (_U32_AT(buf, 1)[0], old, buf[5] == 0x4B))  # type: ignore[no-any-return]
+    except (IndexError, struct.error, ValueError):
+        pass
+    return _decode_careful(buf)
+
+
+def _decode_careful(buf: bytes) -> Message:
     if not buf:
         raise PgoutputError("empty pgoutput message")
     tag = buf[0]

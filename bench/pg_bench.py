@@ -1,0 +1,393 @@
+"""PostgreSQL -> PostgreSQL: DataFlare next to native logical replication, in one run.
+
+    .venv/bin/python bench/pg_bench.py [--rows 1000000] [--runs 3] [--skip-latency]
+
+Two private PostgreSQL 15 servers (source A, target B) with the same settings. For
+each workload (inserts; updates of existing rows), both replicators are given the
+same backlog, as a slot created before the load, and timed until the target has
+caught up (a sentinel transaction written last becomes visible). They run one after
+the other, never together. Prints rows/s for both and the ratio, median of --runs.
+
+Then: the daemon's total RSS (supervisor + workers, sampled every 50 ms) while it
+replicates one transaction of --big-txn rows, and end-to-end latency (source commit
+-> visible in the target) p50/p99 at a steady 5k rows/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.servers import PostgresServer
+
+DDL = (
+    "CREATE TABLE IF NOT EXISTS {t} "
+    "(id bigint PRIMARY KEY, name text, amount numeric(12,2), qty int, ts timestamptz)"
+)
+SENTINEL = "CREATE TABLE IF NOT EXISTS bench_done (k int PRIMARY KEY, v int)"
+
+
+def sql(dsn: str, *stmts: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for s in stmts:
+            conn.execute(s)
+
+
+def one(dsn: str, query: str) -> Any:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(query).fetchone()
+        return row[0] if row else None
+
+
+def load(dsn: str, rows: int, txn: int, kind: str, run_id: int) -> float:
+    t0 = time.perf_counter()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for start in range(1, rows + 1, txn):
+            end = min(rows, start + txn - 1)
+            if kind == "insert":
+                conn.execute(
+                    "INSERT INTO items SELECT g, 'name ' || g, g * 1.25, g %% 100, now() "
+                    "FROM generate_series(%s::bigint, %s::bigint) g",
+                    (start, end),
+                )
+            else:
+                conn.execute(
+                    "UPDATE items SET qty = qty + 1, amount = amount + 1 "
+                    "WHERE id BETWEEN %s AND %s",
+                    (start, end),
+                )
+        conn.execute(
+            "INSERT INTO bench_done VALUES (1, %s) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+            (run_id,),
+        )
+    return time.perf_counter() - t0
+
+
+def wait_sentinel(dsn: str, run_id: int, timeout: float = 1800) -> float:
+    deadline = time.perf_counter() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.perf_counter() < deadline:
+            try:
+                row = conn.execute("SELECT v FROM bench_done WHERE k = 1").fetchone()
+            except psycopg.errors.UndefinedTable:
+                row = None
+            if row and row[0] == run_id:
+                return time.perf_counter()
+            time.sleep(0.02)
+    raise TimeoutError("target did not catch up")
+
+
+class DaemonRun:
+    def __init__(
+        self, base: Path, src_dsn: str, dst_dsn: str, slot: str, tables: list[str]
+    ) -> None:
+        (base / "workflows.d").mkdir(parents=True, exist_ok=True)
+        self.base = base
+        self.sock = str(base / "df.sock")
+        (base / "dataflare.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "daemon": {
+                        "state_dir": str(base / "state"),
+                        "socket": self.sock,
+                        "log_format": "text",
+                        "log_level": "WARNING",
+                    },
+                    "workflows_dir": "workflows.d",
+                }
+            )
+        )
+        (base / "workflows.d" / "bench.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "name": "bench",
+                    "sources": {
+                        "a": {
+                            "type": "postgres",
+                            "config": {
+                                "dsn": src_dsn,
+                                "tables": tables,
+                                "slot": slot,
+                                "publication": "bench_pub",
+                                "snapshot": "never",
+                                "batch_size": 5000,
+                            },
+                        }
+                    },
+                    "destinations": {
+                        "b": {
+                            "type": "postgres",
+                            "inputs": ["a"],
+                            "config": {"dsn": dst_dsn, "schema": "public"},
+                        }
+                    },
+                }
+            )
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.base / "daemon.log", "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dataflare.daemon.cli",
+                "--config",
+                str(self.base / "dataflare.yaml"),
+                "run",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    def rss_mb(self) -> float:
+        assert self.proc is not None
+        pids = [self.proc.pid]
+        try:
+            out = subprocess.run(
+                ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True
+            ).stdout.split()
+            pids += [int(p) for p in out]
+        except OSError:
+            pass
+        total = 0
+        for pid in pids:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+        return total / 1024
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def fresh_target(b: PostgresServer, name: str) -> str:
+    b.drop_database(name) if one(
+        b.dsn(), f"SELECT 1 FROM pg_database WHERE datname = '{name}'"
+    ) else None
+    dsn = b.create_database(name)
+    sql(dsn, DDL.format(t="items"), SENTINEL)
+    return dsn
+
+
+def catch_up(
+    a: PostgresServer, b: PostgresServer, rows: int, kind: str, run_id: int, work: Path
+) -> tuple[float, float]:
+    """(native rows/s, dataflare rows/s) for one run of one workload."""
+    src = fresh_target(a, "src")
+    sql(src, "CREATE PUBLICATION bench_pub FOR TABLE items, bench_done")
+    native_dst = fresh_target(b, "native")
+    df_dst = fresh_target(b, "df")
+    if kind == "update":  # the rows exist everywhere before the backlog is made
+        for dsn in (src, native_dst, df_dst):
+            sql(
+                dsn,
+                f"INSERT INTO items SELECT g, 'name ' || g, g * 1.25, g % 100, now() "
+                f"FROM generate_series(1, {rows}) g",
+            )
+    sql(
+        native_dst,
+        f"CREATE SUBSCRIPTION native_sub CONNECTION '{src}' PUBLICATION bench_pub "
+        "WITH (copy_data = false, enabled = false, slot_name = 'native_slot')",
+    )
+    sql(src, "SELECT pg_create_logical_replication_slot('dataflare_slot', 'pgoutput')")
+    load(src, rows, 1000, kind, run_id)
+
+    t0 = time.perf_counter()
+    sql(native_dst, "ALTER SUBSCRIPTION native_sub ENABLE")
+    native = rows / (wait_sentinel(native_dst, run_id) - t0)
+    sql(
+        native_dst,
+        "ALTER SUBSCRIPTION native_sub DISABLE",
+        "ALTER SUBSCRIPTION native_sub SET (slot_name = NONE)",
+        "DROP SUBSCRIPTION native_sub",
+    )
+    sql(src, "SELECT pg_drop_replication_slot('native_slot')")
+
+    d = DaemonRun(
+        work / f"{kind}-{run_id}",
+        src,
+        df_dst,
+        "dataflare_slot",
+        ["public.items", "public.bench_done"],
+    )
+    t0 = time.perf_counter()
+    d.start()
+    try:
+        df = rows / (wait_sentinel(df_dst, run_id) - t0)
+    finally:
+        d.stop()
+    assert one(df_dst, "SELECT count(*) FROM items") == one(src, "SELECT count(*) FROM items")
+    assert one(df_dst, "SELECT sum(qty) FROM items") == one(src, "SELECT sum(qty) FROM items")
+    sql(src, "SELECT pg_drop_replication_slot('dataflare_slot')")
+    return native, df
+
+
+def big_transaction_rss(a: PostgresServer, b: PostgresServer, rows: int, work: Path) -> float:
+    src = fresh_target(a, "src")
+    sql(src, "CREATE PUBLICATION bench_pub FOR TABLE items, bench_done")
+    dst = fresh_target(b, "df")
+    sql(src, "SELECT pg_create_logical_replication_slot('dataflare_slot', 'pgoutput')")
+    sql(
+        src,
+        f"INSERT INTO items SELECT g, repeat('x', 40) || g, g, g % 100, now() "
+        f"FROM generate_series(1, {rows}) g",
+        "INSERT INTO bench_done VALUES (1, 99)",
+    )
+    d = DaemonRun(
+        work / "bigtxn", src, dst, "dataflare_slot", ["public.items", "public.bench_done"]
+    )
+    peak = 0.0
+    d.start()
+    try:
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, d.rss_mb())
+                time.sleep(0.05)
+
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+        wait_sentinel(dst, 99)
+        done.set()
+        t.join()
+    finally:
+        d.stop()
+    assert one(dst, "SELECT count(*) FROM items") == rows
+    sql(src, "SELECT pg_drop_replication_slot('dataflare_slot')")
+    return peak
+
+
+def latency(
+    a: PostgresServer, b: PostgresServer, work: Path, rate: int = 5000, seconds: float = 20.0
+) -> tuple[float, float, int]:
+    src = fresh_target(a, "src")
+    sql(
+        src,
+        "CREATE TABLE lat (id bigint PRIMARY KEY, t_src timestamptz)",
+        "CREATE PUBLICATION bench_pub FOR TABLE lat",
+    )
+    dst = fresh_target(b, "df")
+    sql(dst, "CREATE TABLE lat (id bigint PRIMARY KEY, t_src timestamptz)")
+    sql(src, "SELECT pg_create_logical_replication_slot('dataflare_slot', 'pgoutput')")
+    d = DaemonRun(work / "latency", src, dst, "dataflare_slot", ["public.lat"])
+    d.start()
+    lat_ms: list[float] = []
+    try:
+        time.sleep(3)
+        stop = threading.Event()
+
+        def write() -> None:
+            per_txn, interval = 50, 50 / rate
+            nid = 1
+            with psycopg.connect(src, autocommit=True) as conn:
+                nxt = time.perf_counter()
+                while not stop.is_set():
+                    conn.execute(
+                        "INSERT INTO lat SELECT g, clock_timestamp() "
+                        "FROM generate_series(%s::bigint, %s::bigint) g",
+                        (nid, nid + per_txn - 1),
+                    )
+                    nid += per_txn
+                    nxt += interval
+                    time.sleep(max(0.0, nxt - time.perf_counter()))
+
+        w = threading.Thread(target=write, daemon=True)
+        w.start()
+        last = 0
+        end = time.perf_counter() + seconds
+        with psycopg.connect(dst, autocommit=True) as conn:
+            while time.perf_counter() < end:
+                rows = conn.execute(
+                    "SELECT id, extract(epoch FROM clock_timestamp() - t_src) * 1000 FROM lat "
+                    "WHERE id > %s",
+                    (last,),
+                ).fetchall()
+                for rid, ms in rows:
+                    last = max(last, rid)
+                    lat_ms.append(float(ms))
+                time.sleep(0.002)
+        stop.set()
+        w.join()
+    finally:
+        d.stop()
+    sql(src, "SELECT pg_drop_replication_slot('dataflare_slot')")
+    lat_ms.sort()
+    return (statistics.median(lat_ms), lat_ms[int(len(lat_ms) * 0.99) - 1], len(lat_ms))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--big-txn", type=int, default=1_000_000)
+    p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--workloads", default="insert,update")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="dataflare-pgbench-"))
+    a = PostgresServer(work / "a", durability="fast").start()
+    b = PostgresServer(work / "b", durability="fast").start()
+    try:
+        print(
+            f"rows {args.rows} in 1000-row transactions, median of {args.runs}; "
+            f"2 private PostgreSQL 15 servers on {os.cpu_count()} cores",
+            flush=True,
+        )
+        print(f"{'workload':<9} {'native rows/s':>14} {'dataflare rows/s':>17} {'ratio':>7}")
+        for kind in args.workloads.split(","):
+            results = [catch_up(a, b, args.rows, kind, run + 1, work) for run in range(args.runs)]
+            native = statistics.median(r[0] for r in results)
+            df = statistics.median(r[1] for r in results)
+            print(
+                f"{kind:<9} {native:>14,.0f} {df:>17,.0f} {df / native:>6.2f}x   "
+                f"(runs: {', '.join(f'{r[1] / r[0]:.2f}x' for r in results)})",
+                flush=True,
+            )
+        if args.big_txn:
+            peak = big_transaction_rss(a, b, args.big_txn, work)
+            print(
+                f"one transaction of {args.big_txn} rows: daemon peak RSS {peak:.0f} MB "
+                "(supervisor + workers)",
+                flush=True,
+            )
+        if not args.skip_latency:
+            p50, p99, n = latency(a, b, work)
+            print(
+                f"latency at 5k rows/s (commit -> visible in target), {n} rows: "
+                f"p50 {p50:.1f} ms, p99 {p99:.1f} ms",
+                flush=True,
+            )
+    finally:
+        a.destroy()
+        b.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

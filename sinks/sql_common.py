@@ -1,0 +1,270 @@
+"""Database-neutral planning for SQL destinations: a batch becomes set-based steps.
+
+A batch's changes are grouped per table (in order of first appearance) and, for
+tables with a primary key, coalesced by key so that each key's *last* state wins:
+
+- insert/read/update with a full row -> the key's final row (an upsert);
+- delete -> the key is absent at the end (a delete);
+- an update whose before-key differs from its after-key (primary-key update) ->
+  delete of the old key and upsert of the new one;
+- an update with unchanged columns (TOAST values the source did not send) is merged
+  into an earlier full row of the same key in the batch when there is one; otherwise
+  it stays a *partial* update that writes only the sent columns;
+- TRUNCATE discards the table's earlier steps of the batch and starts over.
+
+Within one coalesced segment every key appears once, so the order in which its
+deletes, upserts and partial updates are applied does not matter: a destination
+runs them as a few set-based statements. Steps that cannot be coalesced (every
+change of a table without primary key, a primary-key update with unchanged
+columns) are kept as single-row steps, in order, between segments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dataflare.cdc.errors import FatalError
+from dataflare.cdc.model import Change, Op, Row, TableId, TableSchema
+
+
+@dataclass(slots=True)
+class KeyedSegment:
+    """Final states of keys in a run of changes: deletes, full upserts and partial
+    updates grouped by their set of unchanged (not sent) columns."""
+
+    deletes: list[Row] = field(default_factory=list)  # key tuples
+    upserts: list[Row] = field(default_factory=list)  # full rows
+    partial: dict[frozenset[str], list[Row]] = field(default_factory=dict)  # rows
+
+    def __len__(self) -> int:
+        return len(self.deletes) + len(self.upserts) + sum(len(r) for r in self.partial.values())
+
+
+@dataclass(slots=True)
+class InsertRows:
+    """Rows appended as they are (tables without primary key)."""
+
+    rows: list[Row]
+
+
+@dataclass(slots=True)
+class RowChange:
+    """One change applied by itself: keyless update/delete (affects exactly one
+    row equal to ``before``), or a primary-key update with unchanged columns."""
+
+    change: Change
+
+
+@dataclass(slots=True)
+class Truncate:
+    pass
+
+
+Step = KeyedSegment | InsertRows | RowChange | Truncate
+
+
+@dataclass(slots=True)
+class TablePlan:
+    table: TableId
+    schema: TableSchema | None  # None: only a TRUNCATE of a table the batch does not describe
+    steps: list[Step]
+    changes: int = 0
+
+
+_NOTHING: frozenset[str] = frozenset()
+
+
+def _key_of(row: Row, idx: Sequence[int]) -> Row:
+    return tuple(row[i] for i in idx)
+
+
+def _hashable(key: Row) -> Any:
+    """A dict key for key values (lists, dicts of json/array keys made hashable)."""
+    try:
+        hash(key)
+        return key
+    except TypeError:
+        return repr(key)
+
+
+class _KeyedPlanner:
+    """Coalesces the changes of one keyed table into segments and row steps."""
+
+    def __init__(self, schema: TableSchema) -> None:
+        self.schema = schema
+        self.idx = schema.key_indexes()
+        self.names = schema.column_names
+        self.ncols = len(self.names)
+        self.single = self.idx[0] if len(self.idx) == 1 else -1
+        self.steps: list[Step] = []
+        # key -> (final row or None for deleted, key tuple, unchanged columns)
+        self.state: dict[Any, tuple[Row | None, Row, frozenset[str]]] = {}
+
+    def flush(self) -> None:
+        if not self.state:
+            return
+        seg = KeyedSegment()
+        for row, key, unchanged in self.state.values():
+            if row is None:
+                seg.deletes.append(key)
+            elif unchanged:
+                seg.partial.setdefault(unchanged, []).append(row)
+            else:
+                seg.upserts.append(row)
+        self.steps.append(seg)
+        self.state = {}
+
+    def truncate(self) -> None:
+        self.state = {}
+        self.steps = [Truncate()]
+
+    def add(self, c: Change) -> None:
+        # Fast path: a full new row whose key did not change (nearly every change).
+        op, row = c.op, c.after
+        if op is not Op.DELETE and row is not None and c.before is None and not c.unchanged:
+            i = self.single
+            key = (row[i],) if i >= 0 else tuple(row[j] for j in self.idx)
+            if len(row) == self.ncols and (op is not Op.UPDATE or c.key is None or c.key == key):
+                try:
+                    self.state[key] = (row, key, _NOTHING)
+                except TypeError:
+                    self.state[repr(key)] = (row, key, _NOTHING)
+                return
+        self._add(c)
+
+    def _add(self, c: Change) -> None:
+        if c.op is Op.DELETE:
+            key = c.key if c.key is not None else None
+            if key is None:
+                if c.before is None:
+                    raise _bad(c, "a delete without key or old row")
+                key = _key_of(c.before, self.idx)
+            self.state[_hashable(key)] = (None, tuple(key), frozenset())
+            return
+        row = c.after
+        if row is None:
+            raise _bad(c, f"a {c.op.name.lower()} without a new row")
+        if len(row) != len(self.names):
+            raise _bad(c, f"a row of {len(row)} values for {len(self.names)} columns")
+        new_key = _key_of(row, self.idx)
+        unchanged = c.unchanged
+        if c.op is Op.UPDATE:
+            if c.before is not None:
+                old_key = _key_of(c.before, self.idx)
+            elif c.key is not None:
+                old_key = tuple(c.key)
+            else:
+                old_key = new_key
+        else:
+            old_key = new_key
+        hk_old = _hashable(old_key)
+        if unchanged:
+            prev = self.state.get(hk_old)
+            prow = prev[0] if prev is not None else None
+            if prev is not None and prow is not None:
+                # Fill the columns not sent from the batch's earlier row of this key.
+                punchanged = prev[2]
+                row = tuple(
+                    prow[i] if n in unchanged else v
+                    for i, (n, v) in enumerate(zip(self.names, row, strict=True))
+                )
+                unchanged = unchanged & punchanged
+        if old_key != new_key:
+            if unchanged:
+                # The unchanged values live in the sink's row of the old key: move it.
+                self.flush()
+                self.steps.append(RowChange(c))
+                return
+            self.state[hk_old] = (None, old_key, frozenset())
+        self.state[_hashable(new_key)] = (row, new_key, unchanged)
+
+
+def _bad(c: Change, what: str) -> FatalError:
+    return FatalError(f"table {c.table}: {what} at position {c.position}; the source sent bad data")
+
+
+class _KeylessPlanner:
+    """Tables without primary key: a multiset; inserts in runs, the rest row by row."""
+
+    def __init__(self, schema: TableSchema) -> None:
+        self.schema = schema
+        self.steps: list[Step] = []
+
+    def flush(self) -> None:
+        pass
+
+    def truncate(self) -> None:
+        self.steps = [Truncate()]
+
+    def add(self, c: Change) -> None:
+        if c.op in (Op.INSERT, Op.READ):
+            if c.after is None:
+                raise _bad(c, "an insert without a row")
+            last = self.steps[-1] if self.steps else None
+            if isinstance(last, InsertRows):
+                last.rows.append(c.after)
+            else:
+                self.steps.append(InsertRows([c.after]))
+        else:
+            if c.before is None:
+                raise _bad(
+                    c,
+                    f"a {c.op.name.lower()} without the old row on a table without primary key "
+                    "(set REPLICA IDENTITY FULL on the source table)",
+                )
+            self.steps.append(RowChange(c))
+
+
+def plan_batch(
+    changes: Iterable[Change],
+    schemas: dict[TableId, TableSchema],
+    known: dict[TableId, TableSchema] | None = None,
+) -> list[TablePlan]:
+    """The steps per table of a run of changes, tables in order of first appearance.
+
+    ``known`` holds layouts seen in earlier batches, used for tables a batch touches
+    without describing them.
+    """
+    planners: dict[TableId, _KeyedPlanner | _KeylessPlanner | None] = {}
+    plans: dict[TableId, TablePlan] = {}
+    last: TableId | None = None
+    planner: _KeyedPlanner | _KeylessPlanner | None = None
+    plan: TablePlan | None = None
+    for c in changes:
+        if c.table is not last:
+            last = c.table
+            planner = planners.get(c.table)
+            plan = plans.get(c.table)
+        if plan is None:
+            schema = schemas.get(c.table) or (known or {}).get(c.table)
+            if schema is None and c.op is not Op.TRUNCATE:
+                raise FatalError(
+                    f"table {c.table}: a change arrived without the table's layout; "
+                    "the source sent bad data"
+                )
+            plan = plans[c.table] = TablePlan(c.table, schema, [])
+            if schema is None:
+                planner = None
+            elif schema.key:
+                planner = _KeyedPlanner(schema)
+            else:
+                planner = _KeylessPlanner(schema)
+            planners[c.table] = planner
+        plan.changes += 1
+        if c.op is Op.TRUNCATE:
+            if planner is None:
+                plan.steps = [Truncate()]
+            else:
+                planner.truncate()
+            continue
+        if planner is None:
+            raise FatalError(f"table {c.table}: a change arrived without the table's layout")
+        planner.add(c)
+    for table, plan in plans.items():
+        planner = planners[table]
+        if planner is not None:
+            planner.flush()
+            plan.steps = planner.steps
+    return list(plans.values())
