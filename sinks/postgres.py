@@ -49,6 +49,7 @@ from dataflare.cdc.model import (
     TableSchema,
     row_dict,
 )
+from dataflare.cdc.postgres.types import TEXT_FORM_OIDS
 from dataflare.sinks.base import SinkContext
 from dataflare.sinks.configs import PostgresSinkConfig
 from dataflare.sinks.envelope import to_json
@@ -119,6 +120,33 @@ class _Table:
 
 class _NeverDumped:
     """Registers _AnyTextDumper by oid without claiming any Python type."""
+
+
+class _NeverDumpedTextForm:
+    """Registers _TextFormDumper by oid without claiming any Python type."""
+
+
+TEXT_FORM_KEY_OID = 2279  # a pseudo-type oid no value has: only a lookup key
+
+
+class _TextFormDumper(Dumper):
+    """json/jsonb/interval (and arrays) columns: the postgres source sends their
+    exact text form (str), written as is; other sources send Python values: a
+    timedelta as an interval, anything else as JSON."""
+
+    oid = TEXT_FORM_KEY_OID
+
+    def __init__(self, cls: type, context: Any = None) -> None:
+        super().__init__(cls, context)
+        self._tx = Transformer(context)
+
+    def dump(self, obj: Any) -> bytes:
+        if isinstance(obj, str):
+            return obj.encode()
+        if isinstance(obj, timedelta):
+            out = self._tx.get_dumper(obj, PyFormat.TEXT).dump(obj)
+            return b"" if out is None else bytes(out)
+        return _to_json_value(obj).encode()
 
 
 class _AnyTextDumper(Dumper):
@@ -208,6 +236,7 @@ class PostgresSink:
         try:
             conn = psycopg.connect(autocommit=False, **params)
             conn.adapters.register_dumper(_NeverDumped, _AnyTextDumper)
+            conn.adapters.register_dumper(_NeverDumpedTextForm, _TextFormDumper)
             return conn
         except psycopg.Error as e:
             raise RetryableError(
@@ -681,6 +710,9 @@ class PostgresSink:
 
     def _dump_oid(self, c: _TargetColumn, source: Column) -> int:
         """The type psycopg dumps a column's values as (text for what it cannot)."""
+        if source.type_oid in TEXT_FORM_OIDS and c.base_oid == source.type_oid:
+            # The postgres source hands these over in PostgreSQL's exact text form.
+            return TEXT_FORM_KEY_OID
         if c.typtype == "e":
             return TEXT_OID if _STRING_TYPE.match(source.type_name) else ANY_TEXT_OID
         if c.base_oid == TEXT_OID or not (c.category == "A" or self._has_dumper(c.base_oid)):
@@ -906,6 +938,10 @@ def _json_safe(v: Any) -> Any:
     if isinstance(v, dict):
         return {k: _json_safe(x) for k, x in v.items()}
     return v
+
+
+def _to_json_value(v: Any) -> str:
+    return to_json(_json_safe(v))
 
 
 def _to_json(obj: dict[str, Any]) -> str:

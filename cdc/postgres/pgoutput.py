@@ -287,23 +287,23 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         if tag == 0x49 and buf[5] == 0x4E:  # 'I' ... 'N'
             new, end = _tuple_at(buf, 6)
             if end == len(buf):
-                return _new(Insert, (_U32_AT(buf, 1)[0], new))  # type: ignore[no-any-return]
+                return _new(Insert, (_U32_AT(buf, 1)[0], new))
         elif tag == 0x55:  # 'U'
             kind = buf[5]
             if kind == 0x4E:
                 new, end = _tuple_at(buf, 6)
                 if end == len(buf):
-                    return _new(Update, (_U32_AT(buf, 1)[0], None, False, new))  # type: ignore[no-any-return]
+                    return _new(Update, (_U32_AT(buf, 1)[0], None, False, new))
             elif kind in (0x4B, 0x4F):
                 old, end = _tuple_at(buf, 6)
                 if buf[end] == 0x4E:
                     new, end2 = _tuple_at(buf, end + 1)
                     if end2 == len(buf):
-                        return _new(Update, (_U32_AT(buf, 1)[0], old, kind == 0x4B, new))  # type: ignore[no-any-return]
+                        return _new(Update, (_U32_AT(buf, 1)[0], old, kind == 0x4B, new))
         elif tag == 0x44 and buf[5] in (0x4B, 0x4F):  # 'D'
             old, end = _tuple_at(buf, 6)
             if end == len(buf):
-                return _new(Delete, (_U32_AT(buf, 1)[0], old, buf[5] == 0x4B))  # type: ignore[no-any-return]
+                return _new(Delete, (_U32_AT(buf, 1)[0], old, buf[5] == 0x4B))
     except (IndexError, struct.error, ValueError):
         pass
     return _decode_careful(buf)

@@ -34,6 +34,7 @@ from dataflare.cdc.postgres.replication import (
     ReplicationConnection,
     safe_target,
 )
+from dataflare.cdc.postgres.types import configure_loaders
 from dataflare.cdc.source import SourceContext
 from loguru import logger
 from psycopg import abc, pq, sql
@@ -98,7 +99,7 @@ def parse_table_name(text: str) -> TableId:
 
 def catalog_connect(dsn: str, timeout: float = 10.0) -> psycopg.Connection[Any]:
     try:
-        return psycopg.connect(
+        conn = psycopg.connect(
             dsn,
             autocommit=True,
             options=PINNED_OPTIONS,
@@ -109,6 +110,8 @@ def catalog_connect(dsn: str, timeout: float = 10.0) -> psycopg.Connection[Any]:
         raise RetryableError(
             f"postgres {safe_target(dsn)}: cannot connect: {_first_line(e)}"
         ) from None
+    configure_loaders(conn)
+    return conn
 
 
 def _first_line(e: BaseException) -> str:
@@ -168,10 +171,15 @@ class PostgresSource:
 
     @classmethod
     def check(
-        cls, name: str, config: PostgresSourceConfig, ctx: SourceContext | None = None
+        cls,
+        name: str,
+        config: PostgresSourceConfig,
+        ctx: SourceContext | None = None,
+        *,
+        workflow: str | None = None,
     ) -> list[tuple[bool, str]]:
         """`dataflare check`: each line OK or what to fix."""
-        src = cls(name, config, ctx)
+        src = cls(name, config, ctx or (SourceContext(workflow) if workflow else None))
         out: list[tuple[bool, str]] = []
         try:
             src._catalog = catalog_connect(config.dsn, config.connect_timeout)
@@ -225,10 +233,15 @@ class PostgresSource:
 
     @classmethod
     def drop_slot(
-        cls, name: str, config: PostgresSourceConfig, ctx: SourceContext | None = None
+        cls,
+        name: str,
+        config: PostgresSourceConfig,
+        ctx: SourceContext | None = None,
+        *,
+        workflow: str | None = None,
     ) -> bool:
         """Drop the workflow's slot (a removed workflow with drop_slot_on_remove)."""
-        src = cls(name, config, ctx)
+        src = cls(name, config, ctx or (SourceContext(workflow) if workflow else None))
         try:
             src._catalog = catalog_connect(config.dsn, config.connect_timeout)
             row = src._catalog.execute(
@@ -446,6 +459,7 @@ class PostgresSource:
         conn = psycopg.connect(
             self.cfg.dsn, options=PINNED_OPTIONS, application_name="dataflare-snapshot"
         )
+        configure_loaders(conn)
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name)))
         estimates = {}

@@ -749,3 +749,50 @@ def test_daemon_sigkill_twice_leaves_the_replica_exact(tmp_path: Path, pg_db: st
             sql.Identifier("replica", table.name)))  # fmt: skip
         assert got == [rows[k] for k in sorted(rows)]
     assert checkpoint_row(pg_db) == [("gen", "generate", n)]
+
+
+def test_text_form_values_from_the_postgres_source_round_trip_exactly(
+    pg_server: PostgresServer, pg_db: str, make_sink: SinkFactory
+) -> None:
+    """json null vs SQL NULL, intervals with months, infinity timestamps: read by the
+    postgres source's loaders and written by the sink, they come out identical."""
+    from dataflare.cdc.postgres.types import configure_loaders
+
+    src = pg_server.create_database(f"tf_src_{random.randrange(10**9)}")
+    ddl = (
+        "CREATE TABLE tf (id int PRIMARY KEY, j jsonb, js json, iv interval, "
+        "ivs interval[], ts timestamptz, d date)"
+    )
+    with psycopg.connect(src, autocommit=True) as conn:
+        conn.execute(ddl)
+        for values in (
+            """(1, 'null', '{"b": 1,  "a": 2}', '1 mon 2 days', '{"1 year","-3 mons"}',
+                'infinity', '-infinity')""",
+            """(2, NULL, NULL, '-1 year 2 mons 00:00:01.5', NULL,
+                '0044-03-15 12:00:00+00 BC', '10000-01-01')""",
+            """(3, '[1, 2.50, "x"]', '[]', '00:00:00', '{}', '2026-01-01 00:00:00+00',
+                '2026-01-01')""",
+        ):
+            conn.execute("INSERT INTO tf VALUES " + values)
+        configure_loaders(conn)
+        cur = conn.execute("SELECT * FROM tf ORDER BY id")
+        rows = [tuple(r) for r in cur.fetchall()]
+        cols = conn.execute(
+            "SELECT attname, format_type(atttypid, atttypmod), atttypid::int FROM pg_attribute "
+            "WHERE attrelid = 'tf'::regclass AND attnum > 0 ORDER BY attnum"
+        ).fetchall()
+        want = conn.execute("SELECT t::text FROM tf t ORDER BY id").fetchall()
+    schema = TableSchema(
+        TableId("public", "tf"), tuple(Column(n, t, True, o) for n, t, o in cols), ("id",)
+    )
+    sink = make_sink()
+    at = Position("postgres", 10)
+    sink.write(
+        "src",
+        Batch(
+            [Change(Op.INSERT, schema.table, at, (r[0],), None, r) for r in rows], [schema], at, at
+        ),
+    )
+    with psycopg.connect(pg_db) as conn:
+        got = conn.execute("SELECT t::text FROM public.tf t ORDER BY id").fetchall()
+    assert got == want
