@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterator
@@ -20,6 +21,10 @@ class DaemonNotRunning(Exception):
 
 class RequestFailed(Exception):
     pass
+
+
+class Dropped(RequestFailed):
+    """The daemon disconnected this client (too slow), saying why."""
 
 
 class ControlClient:
@@ -46,6 +51,14 @@ class ControlClient:
             self._sock.close()
             self._sock = None
 
+    def shutdown(self) -> None:
+        """Wake a thread blocked reading this connection (it then sees end of stream).
+        Safe to call from any thread."""
+        s = self._sock
+        if s is not None:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
     def __enter__(self) -> ControlClient:
         self.connect()
         return self
@@ -64,6 +77,8 @@ class ControlClient:
             msg = recv_frame(self._sock)
             if msg is None:
                 raise DaemonNotRunning(self.path)
+            if msg.get("push") == "bye":
+                raise Dropped(f"disconnected by the daemon: {msg.get('error')}")
             if msg.get("id") != rid:
                 continue  # a push frame of an earlier subscription
             if not msg.get("ok"):
@@ -81,6 +96,8 @@ class ControlClient:
                 raise DaemonNotRunning(self.path)
             if msg.get("push") == "status":
                 yield msg["result"]
+            elif msg.get("push") == "bye":
+                raise Dropped(f"disconnected by the daemon: {msg.get('error')}")
 
 
 def socket_path(explicit: str | None = None, config_path: str | None = None) -> str:

@@ -4,6 +4,8 @@ Frames are a 4-byte big-endian length then a msgpack map. A request is
 ``{"v": 1, "id": n, "cmd": str, "args": {...}}``; the response carries the same
 ``id`` with ``ok`` and ``result`` or ``error``. After ``subscribe`` the server also
 pushes ``{"v": 1, "push": "status", "result": {...}}`` frames at the asked interval.
+A client the server drops for being too slow gets ``{"v": 1, "push": "bye",
+"error": reason}`` when it can still take one.
 Only stdlib and msgpack here: the TUI imports this module and nothing heavier.
 """
 

@@ -34,7 +34,16 @@ from dataflare.daemon.config import (
     WorkflowConfig,
     load_daemon_config,
 )
+from dataflare.daemon.reload import (
+    ReloadPlan,
+    drop_slot_hook,
+    effective_config,
+    plan_reload,
+    restart_issues,
+)
 from dataflare.daemon.ring import RingOwner
+from dataflare.daemon.status_model import WorkflowObserver, merge_table_counts, ring_fill
+from dataflare.daemon.watch import ConfigWatcher
 from dataflare.daemon.worker import WorkerSpec
 from loguru import logger
 
@@ -44,6 +53,7 @@ DRAIN_TIMEOUT_S = 20.0  # SIGTERM: sources stop, the apply process drains, all e
 KILL_GRACE_S = 3.0
 HEALTHY_AFTER_S = 60.0  # a run this long resets the restart backoff
 SHM_PREFIX = "dataflare"
+_KEPT_NOTE = "config file invalid: running the last good configuration"
 
 
 class WorkflowState(enum.StrEnum):
@@ -194,8 +204,10 @@ class WorkflowRunner:
         waits: dict[asyncio.Task[int], _Proc] = {
             asyncio.create_task(p.proc.wait()): p for p in (apply, *sources)
         }
-        wake = asyncio.create_task(self._wake.wait())
         self._wake.clear()
+        wake = asyncio.create_task(self._wake.wait())
+        if self.desired != "run":
+            self._wake.set()  # stop() came while the workers were being spawned
         try:
             while True:
                 done, _ = await asyncio.wait({*waits, wake}, return_when=asyncio.FIRST_COMPLETED)
@@ -211,6 +223,12 @@ class WorkflowRunner:
                     await p.reader_task
                     if rc == EXIT_OK and p is not apply:
                         continue  # a source ended its ring; the apply process drains it
+                    if rc == EXIT_OK and waits:
+                        # The apply process finished after the sources ended, but their
+                        # exits may not have been reaped yet: give them a moment.
+                        await asyncio.wait(waits.keys(), timeout=KILL_GRACE_S)
+                        for t2 in [t2 for t2 in waits if t2.done() and t2.result() == EXIT_OK]:
+                            await waits.pop(t2).reader_task
                     if rc == EXIT_OK and not any(q is not apply for q in waits.values()):
                         return Outcome.FINISHED
                     if rc == EXIT_OK:
@@ -317,8 +335,15 @@ class WorkflowRunner:
 
     def _on_status(self, label: str, msg: dict[str, Any]) -> None:
         kind = msg.get("t")
+        obs = self._observer()
+        obs.observe(self.state.value, self.restarts, self.last_error)
         if kind == "state":
             self._worker_state[label] = str(msg.get("state"))
+            obs.note("INFO", label, f"{label} {msg.get('state')}")
+            if msg.get("state") == "starting" and label.startswith("source:"):
+                # a new source process counts its tables from 0: keep the old totals
+                prev = self._source_status.get(label.partition(":")[2], {})
+                merge_table_counts(self._table_base(), prev.pop("tables", None) or {})
             states = set(self._worker_state.values())
             if (
                 len(self._worker_state) == len(self._procs)
@@ -333,8 +358,11 @@ class WorkflowRunner:
                 self._source_status[str(msg.get("source"))] = msg
             else:
                 self._apply_status = msg
+            obs.rates.sample(self._counters())
         elif kind == "error":
             self._worker_errors[label] = str(msg.get("message"))
+            obs.error(label, str(msg.get("message")), bool(msg.get("fatal")))
+        obs.observe(self.state.value, self.restarts, self.last_error)
 
     def _fold_counters(self) -> None:
         """Keep totals across restarts: add this run's counters to the base."""
@@ -358,20 +386,31 @@ class WorkflowRunner:
     # ---------------------------------------------------------------- status
 
     def status(self) -> dict[str, Any]:
+        obs = self._observer()
+        obs.observe(self.state.value, self.restarts, self.last_error)
+        rates = obs.rates
         sources = []
+        tables = merge_table_counts({}, self._table_base())
+        batches = int(self._apply_status.get("batches", 0))
         for s in self.cfg.sources:
             st = self._source_status.get(s.name, {})
+            merge_table_counts(tables, st.get("tables") or {})
             sources.append(
                 {
                     "name": s.name,
                     "type": s.type,
                     "position": st.get("position"),
+                    "confirmed": st.get("confirmed"),
                     "lag_bytes": st.get("lag_bytes"),
                     "lag_seconds": st.get("lag_seconds"),
                     "snapshot": st.get("snapshot"),
                     "records_in": self._base_in_for(s.name) + int(st.get("records_in", 0)),
+                    "rate_in": round(rates.rate(f"in:{s.name}"), 1),
+                    "batches": int(st.get("batches", 0)),
                     "ring_used": st.get("ring_used"),
                     "ring_capacity": st.get("ring_capacity"),
+                    "ring_fill": ring_fill(st.get("ring_used"), st.get("ring_capacity")),
+                    "tables": st.get("tables") or {},
                 }
             )
         dest_status = self._apply_status.get("destinations") or {}
@@ -385,24 +424,65 @@ class WorkflowRunner:
                     "position": st.get("position"),
                     "records_written": self._base_written.get(d.name, 0)
                     + int(st.get("records_written", 0)),
+                    "rate_out": round(rates.rate(f"out:{d.name}"), 1),
+                    "errors": int(st.get("errors", 0)),
+                    "dead_letters": int(st.get("dead_letters", 0)),
                 }
             )
+        counters = self._counters()
+        failing = self.state in (WorkflowState.FAILED, WorkflowState.RETRYING)
         return {
             "name": self.cfg.name,
             "description": self.cfg.description,
             "state": self.state.value,
+            "state_reason": (self.last_error if failing else self.note) or None,
             "sources": sources,
             "destinations": destinations,
-            "records_in": self._base_in
-            + sum(int(s.get("records_in", 0)) for s in self._source_status.values()),
-            "records_out": self._base_out + int(self._apply_status.get("records_out", 0)),
+            "records_in": counters["in"],
+            "records_out": counters["out"],
+            "rate_in": round(rates.rate("in"), 1),
+            "rate_out": round(rates.rate("out"), 1),
+            "batches": batches,
             "errors": self.errors,
-            "dead_letters": 0,
+            "dead_letters": sum(d["dead_letters"] for d in destinations),
             "last_error": self.last_error,
             "restarts": self.restarts,
             "note": self.note,
+            "started_at": self.started_at,
             "pids": [p.proc.pid for p in self._procs if p.proc.returncode is None],
+            "tables": tables,
+            "recent_errors": list(obs.recent_errors),
+            "log": list(obs.log),
         }
+
+    def _observer(self) -> WorkflowObserver:
+        """Rates, recent errors and the log tail (created on first use)."""
+        obs: WorkflowObserver | None = getattr(self, "_obs", None)
+        if obs is None:
+            obs = self._obs = WorkflowObserver()
+        return obs
+
+    def _table_base(self) -> dict[str, dict[str, int]]:
+        """Per-table counts of earlier source processes of this workflow."""
+        base: dict[str, dict[str, int]] | None = getattr(self, "_tables_base", None)
+        if base is None:
+            base = {}
+            self._tables_base: dict[str, dict[str, int]] = base
+        return base
+
+    def _counters(self) -> dict[str, int]:
+        """Cumulative counters (across restarts) that rates are computed from."""
+        out: dict[str, int] = {
+            "in": self._base_in
+            + sum(int(s.get("records_in", 0)) for s in self._source_status.values()),
+            "out": self._base_out + int(self._apply_status.get("records_out", 0)),
+        }
+        for s in self.cfg.sources:
+            st = self._source_status.get(s.name, {})
+            out[f"in:{s.name}"] = self._base_in_for(s.name) + int(st.get("records_in", 0))
+        for name, d in (self._apply_status.get("destinations") or {}).items():
+            out[f"out:{name}"] = self._base_written.get(name, 0) + int(d.get("records_written", 0))
+        return out
 
     def _base_in_for(self, source: str) -> int:
         return self._base_in if len(self.cfg.sources) == 1 else 0
@@ -455,7 +535,13 @@ class Supervisor:
         self.started = time.time()
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._reload_wanted = asyncio.Event()
+        self._reload_reasons: list[str] = []
         self._control: Any = None
+        self._watcher: ConfigWatcher | None = None
+        self._background: list[asyncio.Task[None]] = []
+        # Daemon settings changed in the file that wait for a restart (descriptions).
+        self.pending_restart: list[str] = []
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -467,6 +553,7 @@ class Supervisor:
             for issue in e.issues:
                 logger.error("config: {}", issue)
             return EXIT_CONFIG
+        sdnotify.capture_environment()  # workers must not inherit NOTIFY_SOCKET
         self.config = config
         self.config_errors = list(issues)
         self.config_generation = 1
@@ -481,10 +568,12 @@ class Supervisor:
 
         self._control = ControlServer(d.socket, self.handle, self.status)
         await self._control.start()
+        self._metrics = await self._start_metrics(d.metrics_listen)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        # Handlers only set flags; the reload loop does the work (one path for all).
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload, "SIGHUP")
         logger.info(
             "dataflare {} started: {} workflow(s), socket {}",
             VERSION,
@@ -494,18 +583,93 @@ class Supervisor:
         try:
             for wf in config.workflows:
                 self._start_workflow(wf)
-            sdnotify.notify("READY=1", f"STATUS={self._status_line()}")
+            self._start_background(config)
+            sdnotify.ready(self._status_line())
             await self._stop.wait()
-            sdnotify.notify("STOPPING=1")
+            sdnotify.stopping(f"draining {len(self.runners)} workflow(s)")
             logger.info("stopping: draining {} workflow(s)", len(self.runners))
         finally:
+            self._stop.set()  # a reload that has not started yet does nothing now
+            await self._stop_background()
+            with contextlib.suppress(TimeoutError):  # let a reload in progress finish
+                await asyncio.wait_for(self._reload_lock.acquire(), DRAIN_TIMEOUT_S + KILL_GRACE_S)
             await asyncio.gather(*(r.stop() for r in self.runners.values()), return_exceptions=True)
             await self._control.close()
+            if self._metrics is not None:
+                await self._metrics.close()
             logger.info("stopped")
         return EXIT_OK
 
+    async def _start_metrics(self, listen: str | None) -> Any:
+        """The Prometheus endpoint when ``daemon.metrics_listen`` is set (None if not,
+        or if it cannot listen: metrics are not worth refusing to replicate for)."""
+        if not listen:
+            return None
+        from dataflare.daemon.metrics import MetricsServer
+
+        server = MetricsServer(listen, self.status)
+        try:
+            await server.start()
+        except (OSError, ValueError) as e:
+            logger.error("metrics: cannot listen on {}: {}", listen, e)
+            return None
+        return server
+
     def request_stop(self) -> None:
         self._stop.set()
+
+    def _start_background(self, config: DaemonConfig) -> None:
+        """The reload loop, the config watcher, the systemd watchdog and STATUS=."""
+        self._background.append(asyncio.create_task(self._reload_loop(), name="reload"))
+        self._watcher = ConfigWatcher(
+            self.config_path,
+            config.workflows_dir,
+            lambda paths: self.request_reload(
+                "file change: " + ", ".join(os.path.basename(p) for p in paths)
+            ),
+        )
+        self._watcher.start()
+        interval = sdnotify.watchdog_interval()
+        if interval is not None:
+            logger.info("systemd watchdog: pinging every {:.3f}s", interval)
+            self._background.append(
+                asyncio.create_task(sdnotify.watchdog_loop(interval), name="watchdog")
+            )
+        if sdnotify.enabled():
+            self._background.append(asyncio.create_task(self._status_loop(), name="sd-status"))
+
+    async def _stop_background(self) -> None:
+        if self._watcher is not None:
+            await self._watcher.close()
+        for t in self._background:
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background.clear()
+
+    async def _status_loop(self) -> None:
+        """Keep systemd's STATUS= line (`systemctl status`) current."""
+        last = ""
+        while True:
+            line = self._status_line()
+            if line != last:
+                sdnotify.status(line)
+                last = line
+            await asyncio.sleep(2.0)
+
+    def request_reload(self, reason: str) -> None:
+        """Ask for a reload (SIGHUP, the watcher); requests during one are merged."""
+        self._reload_reasons.append(reason)
+        self._reload_wanted.set()
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            reasons, self._reload_reasons = self._reload_reasons, []
+            try:
+                await self.reload("; ".join(dict.fromkeys(reasons)) or "request")
+            except Exception as e:  # a reload never takes the daemon down
+                logger.exception("reload failed: {}", e)
 
     def _start_workflow(self, wf: WorkflowConfig) -> None:
         assert self.config is not None
@@ -515,67 +679,141 @@ class Supervisor:
 
     def _status_line(self) -> str:
         states = [r.state.value for r in self.runners.values()]
-        return f"{len(states)} workflow(s): " + ", ".join(
+        line = f"{len(states)} workflow(s): " + ", ".join(
             f"{states.count(s)} {s}" for s in sorted(set(states))
         )
+        if self.config_errors:
+            line += f"; {len(self.config_errors)} config error(s)"
+        return line
 
     # ---------------------------------------------------------------- reload
 
-    async def reload(self) -> dict[str, Any]:
-        """Re-read the config; start added, stop removed, restart changed workflows.
-        An invalid daemon file keeps the running configuration."""
+    async def reload(self, reason: str = "dataflare reload") -> dict[str, Any]:
+        """The one reload path (file change, SIGHUP, `dataflare reload`): parse,
+        validate, diff per workflow (see dataflare.daemon.reload).
+
+        An invalid daemon file keeps the whole running configuration; an invalid
+        workflow file keeps that workflow on its last good configuration. Unchanged
+        workflows are not touched."""
         async with self._reload_lock:
-            sdnotify.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            if self._stop.is_set():
+                return {"applied": False, "errors": ["the daemon is stopping"], "warnings": []}
+            sdnotify.reloading(f"reloading ({reason})")
             try:
-                try:
-                    config, issues = load_daemon_config(self.config_path)
-                except ConfigInvalid as e:
-                    self.config_errors = list(e.issues)
-                    for issue in e.issues:
-                        logger.error("config rejected, keeping the running one: {}", issue)
-                    return {"applied": False, "errors": [str(i) for i in e.issues]}
-                old = self.config
-                self.config = config
-                self.config_errors = list(issues)
-                self.config_generation += 1
-                if old is None or (old.daemon.log_level, old.daemon.log_format) != (
-                    config.daemon.log_level,
-                    config.daemon.log_format,
-                ):
-                    logs.configure(config.daemon.log_level, config.daemon.log_format, "supervisor")
-                bad_files = {i.file for i in issues}
-                wanted = {w.name: w for w in config.workflows}
-                changed: list[str] = []
-                for name, runner in list(self.runners.items()):
-                    if name not in wanted:
-                        if runner.cfg.file in bad_files:
-                            continue  # its file is broken now: keep running the last good one
-                        await runner.stop()
-                        del self.runners[name]
-                        changed.append(f"-{name}")
-                    elif wanted[name].fingerprint() != runner.cfg.fingerprint():
-                        await runner.stop()
-                        runner.cfg = wanted[name]
-                        runner.daemon = config
-                        runner.start()
-                        changed.append(f"~{name}")
-                for name, wf in wanted.items():
-                    if name not in self.runners:
-                        self._start_workflow(wf)
-                        changed.append(f"+{name}")
-                logger.info(
-                    "config generation {} applied: {}",
-                    self.config_generation,
-                    " ".join(changed) or "no workflow changed",
-                )
-                return {
-                    "applied": True,
-                    "generation": self.config_generation,
-                    "changes": changed,
-                    "errors": [str(i) for i in issues],
-                }
+                return await self._reload(reason)
             finally:
-                sdnotify.notify("READY=1", f"STATUS={self._status_line()}")
+                if not self._stop.is_set():  # after STOPPING=1, READY=1 would mislead
+                    sdnotify.ready(self._status_line())
+
+    async def _reload(self, reason: str) -> dict[str, Any]:
+        logger.info("reloading the configuration ({})", reason)
+        try:
+            configured, issues = await asyncio.to_thread(load_daemon_config, self.config_path)
+        except ConfigInvalid as e:
+            self.config_errors = list(e.issues)
+            for issue in e.issues:
+                logger.error("config rejected, keeping the running one: {}", issue)
+            return {"applied": False, "errors": [str(i) for i in e.issues], "warnings": []}
+        old = self.config
+        config, setting_changes = effective_config(old, configured)
+        for c in setting_changes:
+            (logger.info if c.applied else logger.warning)("config: {}", c.describe())
+        self.pending_restart = [c.describe() for c in setting_changes if not c.applied]
+        plan = plan_reload({n: r.cfg for n, r in self.runners.items()}, config.workflows, issues)
+        self.config = config
+        self.config_errors = list(issues) + restart_issues(self.config_path, setting_changes)
+        self.config_generation += 1
+        if old is None or (old.daemon.log_level, old.daemon.log_format) != (
+            config.daemon.log_level,
+            config.daemon.log_format,
+        ):
+            logs.configure(config.daemon.log_level, config.daemon.log_format, "supervisor")
+        for issue in issues:
+            logger.error("config: {}", issue)
+        logger.debug(
+            "reload plan: start {} restart {} stop {} keep {} unchanged {}",
+            [w.name for w in plan.start],
+            [w.name for w in plan.restart],
+            [w.name for w in plan.stop],
+            list(plan.keep),
+            [w.name for w in plan.unchanged],
+        )
+        if self._watcher is not None:
+            self._watcher.set_workflows_dir(config.workflows_dir)
+        await self._apply_plan(plan, config)
+        changes = plan.changes()
+        logger.info(
+            "config generation {} applied: {}",
+            self.config_generation,
+            " ".join(changes) or "no workflow changed",
+        )
+        return {
+            "applied": True,
+            "generation": self.config_generation,
+            "changes": changes,
+            "errors": [str(i) for i in issues],
+            "warnings": self.pending_restart,
+        }
+
+    async def _apply_plan(self, plan: ReloadPlan, config: DaemonConfig) -> None:
+        for wf in plan.unchanged:
+            runner = self.runners[wf.name]
+            runner.cfg = wf  # same fingerprint: only description or file may differ
+            runner.daemon = config  # log settings for its next start; no pause
+            if runner.note.startswith(_KEPT_NOTE):
+                runner.note = ""
+        for name in plan.keep:
+            runner = self.runners[name]
+            runner.note = f"{_KEPT_NOTE} ({runner.cfg.file})"
+            logger.bind(workflow=name).warning(
+                "{} is invalid: keeping the last good configuration running", runner.cfg.file
+            )
+
+        async def stop_removed(wf: WorkflowConfig) -> None:
+            runner = self.runners[wf.name]
+            await runner.stop()
+            del self.runners[wf.name]
+            runner.log.info("workflow removed: stopped")
+            if wf.drop_slot_on_remove:
+                await self._drop_slots(wf)
+
+        async def restart_changed(wf: WorkflowConfig) -> None:
+            runner = self.runners[wf.name]
+            paused = runner.desired == "pause"
+            runner.log.info("workflow changed: draining, then restarting with the new config")
+            await runner.stop("pause" if paused else "stop")
+            runner.cfg = wf
+            runner.daemon = config
+            runner.note = ""
+            if not paused:
+                runner.start()
+
+        # Drains run side by side: one slow workflow does not hold up the others.
+        results = await asyncio.gather(
+            *(stop_removed(w) for w in plan.stop),
+            *(restart_changed(w) for w in plan.restart),
+            return_exceptions=True,
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                logger.opt(exception=r).error("reload: a workflow failed to stop or restart")
+        for wf in plan.start:
+            self._start_workflow(wf)
+
+    async def _drop_slots(self, wf: WorkflowConfig) -> None:
+        """drop_slot_on_remove: call the source classes' optional drop_slot hook."""
+        log = logger.bind(workflow=wf.name)
+        try:
+            hooks = drop_slot_hook(wf)
+        except Exception as e:
+            log.error("drop_slot_on_remove: cannot load the source: {}", e)
+            return
+        for source, call in hooks:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(call), DRAIN_TIMEOUT_S)
+                log.info("source {}: replication slot dropped (drop_slot_on_remove)", source)
+            except Exception as e:
+                log.error("source {}: could not drop the slot: {}", source, e)
 
     # ---------------------------------------------------------------- control socket
 
@@ -584,6 +822,11 @@ class Supervisor:
             return self.status()
         if cmd == "ping":
             return {"version": VERSION}
+        if cmd == "workflow":
+            name = str(args.get("workflow", ""))
+            if name not in self.runners:
+                raise KeyError(f"no workflow named {name!r}")
+            return self.runners[name].status()
         if cmd == "reload":
             return await self.reload()
         if cmd in ("pause", "resume", "restart"):
@@ -608,6 +851,9 @@ class Supervisor:
                 "uptime_s": round(time.time() - self.started, 1),
                 "config_generation": self.config_generation,
                 "config_file": self.config_path,
+                "started_at": self.started,
+                "socket": self.config.daemon.socket if self.config else None,
+                "metrics_listen": self.config.daemon.metrics_listen if self.config else None,
                 "config_errors": [
                     {"file": i.file, "line": i.line, "key": i.key, "message": i.message}
                     for i in self.config_errors

@@ -15,6 +15,7 @@ report to the supervisor with JSON lines on ``status_fd``; logs go to stderr.
 from __future__ import annotations
 
 import ctypes
+import gc
 import importlib
 import json
 import os
@@ -380,6 +381,10 @@ def _apply_loop(
 
 
 def main() -> int:
+    # Each row makes several tuples; with the default threshold (700) the cyclic GC
+    # runs every few rows. The hot path makes no reference cycles, so collect rarely.
+    gc.freeze()
+    gc.set_threshold(200_000, 50, 50)
     spec: WorkerSpec = pickle.load(sys.stdin.buffer)
     _die_with_parent(spec.parent_pid)
     role = f"{spec.role}:{spec.source}" if spec.role == "source" else "apply"

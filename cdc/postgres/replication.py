@@ -143,6 +143,47 @@ class ReplicationConnection:
                         f"postgres {self.target}: connection lost: {_msg(self.pgconn)}"
                     ) from None
 
+    def read_many(self, timeout: float, limit: int) -> list[memoryview]:
+        """Up to ``limit`` CopyData payloads: waits up to ``timeout`` for the first,
+        then takes only what libpq already has (one syscall wait per burst, not per
+        message)."""
+        pg = self.pgconn
+        assert pg is not None
+        out: list[memoryview] = []
+        deadline = 0.0
+        while len(out) < limit:
+            n, data = pg.get_copy_data(1)
+            if n > 0:
+                out.append(data)
+                continue
+            if n == -1:
+                if out:
+                    return out  # deliver what came before the end; the next call raises
+                self._finish_copy()
+                raise RetryableError(
+                    f"postgres {self.target}: the server ended the replication stream"
+                )
+            if n < -1:
+                raise RetryableError(
+                    f"postgres {self.target}: replication stream error: {_msg(pg)}"
+                )
+            if out:
+                return out
+            if not deadline:
+                deadline = time.monotonic() + timeout
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return out
+            r, _, _ = select.select([pg.socket], [], [], remaining)
+            if r:
+                try:
+                    pg.consume_input()
+                except Exception:
+                    raise RetryableError(
+                        f"postgres {self.target}: connection lost: {_msg(pg)}"
+                    ) from None
+        return out
+
     def send_status(self, flush_lsn: int, reply: bool = False) -> None:
         assert self.pgconn is not None
         msg = standby_status(flush_lsn, time.time_ns() // 1000, reply)

@@ -18,10 +18,11 @@ has checkpointed any of it).
 from __future__ import annotations
 
 import contextlib
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from dataflare.cdc.errors import ConfigError, FatalError, RetryableError
@@ -42,6 +43,10 @@ from psycopg.adapt import Transformer
 
 KIND = "postgres"
 SPILL_FACTOR = 4  # a transaction above batch_size * this many rows is sent in parts
+READ_BURST = 512  # messages taken from libpq between clock and status checks
+_U64_AT = struct.Struct(">Q").unpack_from
+_new_tuple = tuple.__new__  # Change is a NamedTuple: skip its Python-level __new__
+_NONE: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -52,8 +57,7 @@ class _Relation:
     key_idx: tuple[int, ...]
 
 
-@dataclass
-class _Pending:
+class _Pending(NamedTuple):
     op: Op
     rel: _Relation
     before: Row | None
@@ -681,26 +685,30 @@ class PostgresSource:
                 wait = min(wait, first_at + self.cfg.batch_timeout - now)
             if wait <= 0:
                 return self._take_ready() if self._ready_last is not None else None
-            data = self._repl.read(min(wait, self.cfg.status_interval))
-            if data is None:
-                continue
-            msg = po.decode_copy(data)
-            if isinstance(msg, po.Keepalive):
-                self._server_wal_end = max(self._server_wal_end, msg.wal_end)
-                self._keepalive_end = max(self._keepalive_end, msg.wal_end)
-                if msg.reply_requested:
-                    self._next_status = 0.0
-                continue
-            self._server_wal_end = max(self._server_wal_end, msg.wal_end)
-            if self._handle(po.decode(msg.payload)) and first_at is None:
-                first_at = time.monotonic()
+            handle = self._handle
+            decode = po.decode
+            for data in self._repl.read_many(min(wait, self.cfg.status_interval), READ_BURST):
+                tag = data[0]
+                if tag == 0x77:  # XLogData: start, end, send time, then one pgoutput message
+                    wal_end = _U64_AT(data, 9)[0]
+                    if wal_end > self._server_wal_end:
+                        self._server_wal_end = wal_end
+                    if handle(decode(data[25:])) and first_at is None:
+                        first_at = time.monotonic()
+                else:
+                    msg = po.decode_copy(data)
+                    if isinstance(msg, po.Keepalive):
+                        self._server_wal_end = max(self._server_wal_end, msg.wal_end)
+                        self._keepalive_end = max(self._keepalive_end, msg.wal_end)
+                        if msg.reply_requested:
+                            self._next_status = 0.0
 
     def _handle(self, msg: po.Message) -> bool:
         """Apply one message to the transaction buffer; True when a commit made changes ready."""
         if isinstance(msg, po.Insert):
             rel = self._rel(msg.relid)
             after, _ = self._load(rel, msg.new)
-            self._txn.append(_Pending(Op.INSERT, rel, None, after, frozenset()))
+            self._txn.append(_new_tuple(_Pending, (Op.INSERT, rel, None, after, _NONE)))
         elif isinstance(msg, po.Update):
             rel = self._rel(msg.relid)
             after, unchanged = self._load(rel, msg.new)
@@ -734,14 +742,14 @@ class PostgresSource:
     def _changes(
         self, pending: list[_Pending], pos: Position, xid: int | None, ts: int | None
     ) -> list[Change]:
-        out = []
-        for p in pending:
-            kidx = p.rel.key_idx
-            row = p.after if p.after is not None else p.before
-            key = tuple(row[i] for i in kidx) if (kidx and row is not None) else None
-            out.append(
-                Change(p.op, p.rel.schema.table, pos, key, p.before, p.after, p.unchanged, xid, ts)
-            )
+        out: list[Change] = []
+        append = out.append
+        new = _new_tuple
+        for op, rel, before, after, unchanged in pending:
+            kidx = rel.key_idx
+            row = after if after is not None else before
+            key = tuple([row[i] for i in kidx]) if (kidx and row is not None) else None
+            append(new(Change, (op, rel.schema.table, pos, key, before, after, unchanged, xid, ts)))
         return out
 
     def _commit(self, msg: po.Commit) -> bool:
