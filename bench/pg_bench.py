@@ -360,7 +360,7 @@ def main() -> int:
             flush=True,
         )
         print(f"{'workload':<9} {'native rows/s':>14} {'dataflare rows/s':>17} {'ratio':>7}")
-        for kind in args.workloads.split(","):
+        for kind in filter(None, args.workloads.split(",")):
             results = [catch_up(a, b, args.rows, kind, run + 1, work) for run in range(args.runs)]
             native = statistics.median(r[0] for r in results)
             df = statistics.median(r[1] for r in results)

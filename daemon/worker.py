@@ -384,7 +384,7 @@ def main() -> int:
     # Each row makes several tuples; with the default threshold (700) the cyclic GC
     # runs every few rows. The hot path makes no reference cycles, so collect rarely.
     gc.freeze()
-    gc.set_threshold(200_000, 50, 50)
+    gc.set_threshold(50_000, 50, 50)
     spec: WorkerSpec = pickle.load(sys.stdin.buffer)
     _die_with_parent(spec.parent_pid)
     role = f"{spec.role}:{spec.source}" if spec.role == "source" else "apply"

@@ -687,7 +687,8 @@ class PostgresSource:
                 return self._take_ready() if self._ready_last is not None else None
             handle = self._handle
             decode = po.decode
-            for data in self._repl.read_many(min(wait, self.cfg.status_interval), READ_BURST):
+            burst = self._repl.read_many(min(wait, self.cfg.status_interval), READ_BURST)
+            for data in burst:
                 tag = data[0]
                 if tag == 0x77:  # XLogData: start, end, send time, then one pgoutput message
                     wal_end = _U64_AT(data, 9)[0]
@@ -702,6 +703,12 @@ class PostgresSource:
                         self._keepalive_end = max(self._keepalive_end, msg.wal_end)
                         if msg.reply_requested:
                             self._next_status = 0.0
+            if burst and len(burst) < READ_BURST and self._ready_last is not None:
+                # Drained what the server had sent: ship now rather than wait out
+                # batch_timeout (low latency when tailing; full batches in catch-up).
+                # Batches cut at a layout change go first: order is everything.
+                self._queue.append(self._take_ready())
+                return self._queue.popleft()
 
     def _handle(self, msg: po.Message) -> bool:
         """Apply one message to the transaction buffer; True when a commit made changes ready."""
