@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dataflare.cdc.model import Batch, Position
@@ -43,6 +44,9 @@ class SourceContext:
 
     workflow: str
     state_dir: str = ""
+    # True when everything sent so far has been taken by the apply side (ring empty):
+    # a source may then ship a partial batch at once instead of filling it.
+    downstream_idle: Callable[[], bool] = field(default=lambda: True, compare=False)
 
     @property
     def default_slot(self) -> str:

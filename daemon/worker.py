@@ -155,7 +155,11 @@ def run_source(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
     node = next(n for n in wf.sources if n.name == spec.source)
     log = logger.bind(workflow=wf.name, component=f"source:{node.name}")
     producer = RingProducer.attach(spec.rings[node.name])
-    ctx = SourceContext(workflow=wf.name, state_dir=spec.state_dir)
+    ctx = SourceContext(
+        workflow=wf.name,
+        state_dir=spec.state_dir,
+        downstream_idle=lambda: producer.stats().used == 0,
+    )
     source = load_class(SOURCE_TYPES[node.type].implementation)(node.name, node.config, ctx)
     try:
         status.send("state", state="starting")

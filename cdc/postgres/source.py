@@ -35,7 +35,7 @@ from dataflare.cdc.postgres.replication import (
     ReplicationConnection,
     safe_target,
 )
-from dataflare.cdc.postgres.types import configure_loaders
+from dataflare.cdc.postgres.types import configure_loaders, load_or_text
 from dataflare.cdc.source import SourceContext
 from loguru import logger
 from psycopg import abc, pq, sql
@@ -55,6 +55,7 @@ class _Relation:
     oids: list[int]
     tx: abc.Transformer
     key_idx: tuple[int, ...]
+    loader_oids: list[int]
 
 
 class _Pending(NamedTuple):
@@ -114,7 +115,7 @@ def catalog_connect(dsn: str, timeout: float = 10.0) -> psycopg.Connection[Any]:
         raise RetryableError(
             f"postgres {safe_target(dsn)}: cannot connect: {_first_line(e)}"
         ) from None
-    configure_loaders(conn)
+    configure_loaders(conn, fallbacks=False)
     return conn
 
 
@@ -615,9 +616,12 @@ class PostgresSource:
             self._cut_at_layout_change(t)
         tx = Transformer(self._catalog)
         oids = [c.type_oid for c in msg.columns]
-        tx.set_loader_types(self._loader_oids(oids), pq.Format.TEXT)
+        loader_oids = self._loader_oids(oids)
+        tx.set_loader_types(loader_oids, pq.Format.TEXT)
         names = schema.column_names
-        self._relations[msg.relid] = _Relation(schema, oids, tx, tuple(names.index(k) for k in key))
+        self._relations[msg.relid] = _Relation(
+            schema, oids, tx, tuple(names.index(k) for k in key), loader_oids
+        )
 
     def _cut_at_layout_change(self, table: TableId) -> None:
         """A batch has one layout per table: changes buffered under the old layout
@@ -651,12 +655,16 @@ class PostgresSource:
         return str(row[0]) if row else "text"
 
     def _load(self, rel: _Relation, data: po.TupleData) -> tuple[Row, frozenset[str]]:
+        unchanged: frozenset[str] = _NONE
+        values: Any = data
         if po.UNCHANGED in data:
             names = rel.schema.column_names
             unchanged = frozenset(names[i] for i, v in enumerate(data) if v is po.UNCHANGED)
             values = [v if isinstance(v, bytes) else None for v in data]
+        try:
             return tuple(rel.tx.load_sequence(values)), unchanged
-        return tuple(rel.tx.load_sequence(data)), frozenset()  # type: ignore[arg-type]
+        except psycopg.DataError:  # 'infinity', BC or year > 9999: those values stay text
+            return tuple(load_or_text(rel.tx, rel.loader_oids, list(values))), unchanged
 
     # ------------------------------------------------------------- streaming
 
@@ -703,9 +711,15 @@ class PostgresSource:
                         self._keepalive_end = max(self._keepalive_end, msg.wal_end)
                         if msg.reply_requested:
                             self._next_status = 0.0
-            if burst and len(burst) < READ_BURST and self._ready_last is not None:
-                # Drained what the server had sent: ship now rather than wait out
-                # batch_timeout (low latency when tailing; full batches in catch-up).
+            if (
+                burst
+                and len(burst) < READ_BURST
+                and self._ready_last is not None
+                and self.ctx.downstream_idle()
+            ):
+                # Drained what the server had sent and the apply side is idle: ship
+                # now rather than wait out batch_timeout (low latency when tailing).
+                # While the apply side is busy, keep filling: bigger batches then.
                 # Batches cut at a layout change go first: order is everything.
                 self._queue.append(self._take_ready())
                 return self._queue.popleft()

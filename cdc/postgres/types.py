@@ -38,11 +38,29 @@ def _or_text(inner: type[abc.Loader]) -> type[Loader]:
     return OrText
 
 
-def configure_loaders(conn: psycopg.Connection[Any]) -> None:
-    """Register the loaders above on a connection (its cursors and Transformers)."""
+def configure_loaders(conn: psycopg.Connection[Any], fallbacks: bool = True) -> None:
+    """Register the loaders above on a connection (its cursors and Transformers).
+    ``fallbacks=False`` leaves psycopg's fast date loaders in place: for callers that
+    catch DataError per row and then use :func:`load_or_text` (the stream does)."""
     for oid in TEXT_FORM_OIDS:
         conn.adapters.register_loader(oid, TextLoader)
+    if not fallbacks:
+        return
     for oid in (DATE, TIMESTAMP, TIMESTAMPTZ):
         inner = conn.adapters.get_loader(oid, pq.Format.TEXT)
         if inner is not None:
             conn.adapters.register_loader(oid, _or_text(inner))
+
+
+def load_or_text(tx: abc.Transformer, oids: list[int], values: list[bytes | None]) -> list[Any]:
+    """Value by value, text where a loader refuses (the slow path of a rare row)."""
+    out: list[Any] = []
+    for oid, v in zip(oids, values, strict=True):
+        if v is None:
+            out.append(None)
+            continue
+        try:
+            out.append(tx.get_loader(oid, pq.Format.TEXT).load(v))
+        except psycopg.DataError:
+            out.append(v.decode())
+    return out
