@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dataflare.cdc.generate import GenerateConfig
+from dataflare.cdc.mysql.config import MysqlSourceConfig
 from dataflare.cdc.postgres.config import PostgresSourceConfig
 
 
@@ -20,5 +21,6 @@ class ConnectorType:
 
 SOURCE_TYPES: dict[str, ConnectorType] = {
     "generate": ConnectorType(GenerateConfig, "dataflare.cdc.generate_source:GenerateSource"),
+    "mysql": ConnectorType(MysqlSourceConfig, "dataflare.cdc.mysql.source:MysqlBinlogSource"),
     "postgres": ConnectorType(PostgresSourceConfig, "dataflare.cdc.postgres.source:PostgresSource"),
 }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,6 +38,26 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+class SourceStateStore(Protocol):
+    """The part of the daemon's state store (LMDB) a source uses: snapshot progress
+    and schema history. The worker opens it and hands it over in the context, so
+    cdc never imports the daemon."""
+
+    def get_snapshot_progress(self, workflow: str, source: str) -> dict[str, Any] | None: ...
+
+    def put_snapshot_progress(
+        self, workflow: str, source: str, progress: Mapping[str, Any]
+    ) -> None: ...
+
+    def append_schema(
+        self, workflow: str, source: str, position: Position, schema_record: Mapping[str, Any]
+    ) -> None: ...
+
+    def schema_history(
+        self, workflow: str, source: str
+    ) -> list[tuple[Position, dict[str, Any]]]: ...
+
+
 @dataclass(frozen=True)
 class SourceContext:
     """What a source knows of the workflow it runs in (third constructor argument)."""
@@ -47,6 +67,7 @@ class SourceContext:
     # True when everything sent so far has been taken by the apply side (ring empty):
     # a source may then ship a partial batch at once instead of filling it.
     downstream_idle: Callable[[], bool] = field(default=lambda: True, compare=False)
+    state: SourceStateStore | None = field(default=None, compare=False)
 
     @property
     def default_slot(self) -> str:

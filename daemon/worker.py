@@ -155,10 +155,12 @@ def run_source(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
     node = next(n for n in wf.sources if n.name == spec.source)
     log = logger.bind(workflow=wf.name, component=f"source:{node.name}")
     producer = RingProducer.attach(spec.rings[node.name])
+    state = StateStore(spec.state_dir)
     ctx = SourceContext(
         workflow=wf.name,
         state_dir=spec.state_dir,
         downstream_idle=lambda: producer.stats().used == 0,
+        state=state,
     )
     source = load_class(SOURCE_TYPES[node.type].implementation)(node.name, node.config, ctx)
     try:
@@ -225,6 +227,7 @@ def run_source(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
     finally:
         source.close()
         producer.close()
+        state.close()
 
 
 def _table_counts(tally: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:

@@ -34,3 +34,16 @@ class PostgresSinkConfig:
     append_suffix: str = "_changes"  # mode append: change log table = <table><suffix>
     connect_timeout: float = duration(10.0)
     lock_timeout: float = duration(15.0, "wait this long for another writer to let go")
+
+
+@dataclass(frozen=True)
+class MysqlSinkConfig:
+    """The `mysql` destination (MySQL or MariaDB; see docs/mysql.md)."""
+
+    database: str  # target database (created when create_tables)
+    host: str = "127.0.0.1"
+    port: int = 3306
+    user: str = "root"
+    password: str | None = field(default=None, metadata={SECRET: True, HELP: "password"})
+    mode: Literal["upsert", "append"] = "upsert"
+    create_tables: bool = True  # create missing tables, add missing columns

@@ -49,6 +49,7 @@ from dataflare.cdc.model import (
     TableSchema,
     row_dict,
 )
+from dataflare.cdc.mysql import types as mysql_types
 from dataflare.cdc.postgres.types import TEXT_FORM_OIDS
 from dataflare.sinks.base import SinkContext
 from dataflare.sinks.configs import PostgresSinkConfig
@@ -324,6 +325,8 @@ class PostgresSink:
     # ---------------------------------------------------------------------- write
 
     def write(self, source: str, batch: Batch) -> None:
+        if batch.last.kind == "mysql":  # MySQL type names -> PostgreSQL (issue 4)
+            batch = mysql_types.for_postgres(batch)
         conn = self._require()
         if self._partial_source not in (None, source):
             raise FatalError(
