@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 failure (invalid config, request refused, a check failed),
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -179,9 +180,10 @@ def _builtin_check(role: str, node: Any) -> list[tuple[bool, str]] | None:
     return None
 
 
-def check_node(role: str, node: Any) -> list[tuple[bool, str]]:
+def check_node(role: str, node: Any, workflow: str = "") -> list[tuple[bool, str]]:
     """Run a source's or destination's checks: the implementation class's optional
-    ``check(name, config) -> list[(ok, message)]``, else the built-in ones."""
+    ``check(name, config[, workflow=]) -> list[(ok, message)]``, else the built-in ones
+    (the workflow name gives defaults such as the Postgres slot name)."""
     from dataflare.cdc.registry import SOURCE_TYPES
     from dataflare.daemon.worker import load_class
     from dataflare.sinks.registry import SINK_TYPES
@@ -198,16 +200,27 @@ def check_node(role: str, node: Any) -> list[tuple[bool, str]]:
     if check is None:
         return _builtin_check(role, node) or [(True, "no checks for this type")]
     try:
-        return [(bool(ok), str(msg)) for ok, msg in check(node.name, node.config)]
+        kwargs = {"workflow": workflow} if _accepts(check, "workflow") else {}
+        return [(bool(ok), str(msg)) for ok, msg in check(node.name, node.config, **kwargs)]
     except Exception as e:
         return [(False, f"check failed: {type(e).__name__}: {e}")]
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def run_checks(wf: Any) -> list[CheckResult]:
     out: list[CheckResult] = []
     for role, nodes in (("source", wf.sources), ("destination", wf.destinations)):
         for node in nodes:
-            out += [(role, f"{node.name} ({node.type})", ok, m) for ok, m in check_node(role, node)]
+            out += [
+                (role, f"{node.name} ({node.type})", ok, m)
+                for ok, m in check_node(role, node, wf.name)
+            ]
     return out
 
 

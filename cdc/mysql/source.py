@@ -49,6 +49,7 @@ from dataflare.cdc.mysql.binlog import (
     ServerInfo,
     StreamLost,
     Xid,
+    connect,
     server_info,
 )
 from dataflare.cdc.mysql.config import MysqlSourceConfig
@@ -195,6 +196,89 @@ class MysqlBinlogSource:
         self._reconnects = 0
         self.info: ServerInfo | None = None
         self.ident = ""
+
+    # ------------------------------------------------------------ operators
+
+    @classmethod
+    def check(
+        cls, name: str, config: MysqlSourceConfig, *, workflow: str | None = None
+    ) -> list[tuple[bool, str]]:
+        """`dataflare check`: each line OK or what to fix."""
+        src = cls(name, config, SourceContext(workflow or name))
+        target = f"{config.host}:{config.port}"
+        try:
+            info = server_info(src.settings)
+        except (FatalError, RetryableError) as e:
+            return [(False, f"connect to {target}: {e}")]
+        out: list[tuple[bool, str]] = [(True, f"connect to {target} ({info.version})")]
+        for label, ok, fix in (
+            ("binary log on", bool(info.logs), "start the server with log_bin"),
+            (
+                "binlog_format ROW",
+                info.binlog_format.upper() == "ROW",
+                f"binlog_format is {info.binlog_format}: set binlog_format=ROW",
+            ),
+            (
+                "binlog_row_image FULL",
+                info.row_image.upper() == "FULL",
+                f"binlog_row_image is {info.row_image}: set binlog_row_image=FULL",
+            ),
+            (
+                "binlog_row_metadata FULL",
+                info.row_metadata.upper() == "FULL",
+                f"binlog_row_metadata is {info.row_metadata or 'unsupported'}: set "
+                "binlog_row_metadata=FULL",
+            ),
+            (
+                "server_id differs from the server's",
+                config.server_id != info.server_id,
+                f"server_id {config.server_id} is the server's own: pick another",
+            ),
+        ):
+            out.append((ok, label if ok else fix))
+        try:
+            conn = connect(src.settings)
+        except (FatalError, RetryableError) as e:
+            return [*out, (False, str(e))]
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SHOW GRANTS")
+                grants = " ".join(str(r[0]).upper() for r in cur.fetchall())
+                for priv in ("REPLICATION SLAVE", "REPLICATION CLIENT"):
+                    alt = {
+                        "REPLICATION SLAVE": "REPLICATION REPLICA",
+                        "REPLICATION CLIENT": "BINLOG MONITOR",
+                    }[priv]
+                    ok = "ALL PRIVILEGES ON *.*" in grants or priv in grants or alt in grants
+                    out.append(
+                        (
+                            ok,
+                            f"privilege {priv}"
+                            if ok
+                            else f"the user lacks {priv}: GRANT {priv} ON *.* TO <user>",
+                        )
+                    )
+                for t in src.tables:
+                    cur.execute(
+                        "SELECT COUNT(*), SUM(c.COLUMN_KEY = 'PRI') FROM "
+                        "information_schema.COLUMNS c WHERE c.TABLE_SCHEMA = %s "
+                        "AND c.TABLE_NAME = %s",
+                        (t.schema, t.name),
+                    )
+                    ncols, npk = cur.fetchone()
+                    if not ncols:
+                        out.append((False, f"table {t} does not exist or is not readable"))
+                    else:
+                        out.append(
+                            (
+                                True,
+                                f"table {t}"
+                                + ("" if npk else " (no primary key: mirrored as a multiset)"),
+                            )
+                        )
+        finally:
+            conn.close()
+        return out
 
     # ------------------------------------------------------------------ open
 

@@ -467,14 +467,15 @@ class PostgresSource:
         configure_loaders(conn)
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name)))
-        estimates = {}
+        estimates: dict[str, int | None] = {}
         for t in tables:
             row = conn.execute(
-                "SELECT greatest(c.reltuples, 0)::bigint FROM pg_class c JOIN pg_namespace n "
+                "SELECT c.reltuples::bigint FROM pg_class c JOIN pg_namespace n "
                 "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
                 (t.schema, t.name),
             ).fetchone()
-            estimates[str(t)] = int(row[0]) if row else 0
+            # reltuples is -1 for a table never vacuumed or analyzed: unknown, not 0
+            estimates[str(t)] = int(row[0]) if row and row[0] >= 0 else None
         self._snap_conn = conn
         self._snap_tables = tables
         self._snap_table_idx = -1
@@ -484,7 +485,10 @@ class PostgresSource:
             "tables_total": len(tables),
             "tables_done": 0,
             "rows_done": 0,
-            "rows_estimated": sum(estimates.values()),
+            # an estimate (pg_class.reltuples); None when a table was never analyzed
+            "rows_total": None
+            if None in estimates.values()
+            else sum(v for v in estimates.values() if v is not None),
             "table": None,
             "estimates": estimates,
         }

@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -670,3 +671,18 @@ def test_add_column_with_default_reaches_untouched_rows(
     got = mariadb_server.execute("SELECT id, v, d FROM t ORDER BY id", database=target_db)
     assert got == want
     assert [r[2] for r in got] == [5, 5, 5, 9, 5, 5, 5]
+
+
+def test_check_lines_say_what_to_fix(mariadb_server: MariaDBServer, mariadb_db: str) -> None:
+    mariadb_server.execute(f"CREATE TABLE `{mariadb_db}`.`t` (id int PRIMARY KEY, v text)")
+    mariadb_server.execute(f"CREATE TABLE `{mariadb_db}`.`bare` (v text)")
+    cfg = make_source(mariadb_server, mariadb_db).cfg
+    lines = MysqlBinlogSource.check("src", cfg, workflow="wf")
+    assert all(ok for ok, _ in lines), lines
+    assert any(text == "binlog_row_metadata FULL" for _, text in lines)
+    cfg2 = replace(cfg, tables=[f"{mariadb_db}.bare", f"{mariadb_db}.missing"])
+    lines2 = MysqlBinlogSource.check("src", cfg2)
+    assert any(ok and "no primary key" in text for ok, text in lines2)
+    assert any(not ok and "missing does not exist" in text for ok, text in lines2)
+    down = MysqlBinlogSource.check("src", replace(cfg, port=1))
+    assert down == [(False, down[0][1])] and "connect to" in down[0][1]

@@ -59,6 +59,7 @@ def items_db(pg_db: str) -> Iterator[str]:
         pg_db,
         "CREATE TABLE items (id int PRIMARY KEY, name text, price numeric(10,2))",
         "INSERT INTO items SELECT g, 'n' || g, g * 1.5 FROM generate_series(1, 250) g",
+        "ANALYZE items",
     )
     yield pg_db
 
@@ -89,6 +90,7 @@ def test_snapshot_then_stream_without_gap_or_overlap(items_db: str) -> None:
         assert all(c.position > consistent for c in changes(stream))
         assert src.status()["snapshot"]["state"] == "done"
         assert src.status()["snapshot"]["rows_done"] == 250
+        assert src.status()["snapshot"]["rows_total"] == 250  # the fixture ANALYZEd it
     finally:
         src.close()
 

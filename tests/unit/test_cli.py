@@ -210,3 +210,27 @@ def test_status_json_is_the_daemons_object(
     assert cli.main(["--socket", "x", "status", "orders-replica"]) == 0
     assert "public.orders" in capsys.readouterr().out
     assert cli.main(["--socket", "x", "status", "nope"]) == 1
+
+
+class WorkflowAwareCheck:
+    """A connector whose check needs the workflow name (e.g. a default slot name)."""
+
+    @classmethod
+    def check(
+        cls, name: str, config: object, *, workflow: str | None = None
+    ) -> list[tuple[bool, str]]:
+        return [(workflow == "orders", f"{name} in {workflow}")]
+
+
+def test_check_passes_the_workflow_name_to_connectors(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from dataflare.cdc.registry import SOURCE_TYPES, ConnectorType
+    from dataflare.daemon import cli
+
+    monkeypatch.setitem(
+        SOURCE_TYPES, "aware", ConnectorType(object, "tests.unit.test_cli:WorkflowAwareCheck")
+    )
+    node = SimpleNamespace(name="shop", type="aware", config=None)
+    wf = SimpleNamespace(name="orders", sources=[node], destinations=[])
+    assert cli.run_checks(wf) == [("source", "shop (aware)", True, "shop in orders")]
