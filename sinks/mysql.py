@@ -28,10 +28,11 @@ type names are used as they are; Postgres types are mapped (see
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -43,7 +44,14 @@ from dataflare.cdc.model import Batch, Change, Column, Op, Position, Row, TableI
 from dataflare.sinks.base import SinkContext
 from dataflare.sinks.configs import MysqlSinkConfig
 from dataflare.sinks.envelope import _json_default
-from dataflare.sinks.sql_common import InsertRows, KeyedSegment, RowChange, Truncate, plan_batch
+from dataflare.sinks.sql_common import (
+    InsertRows,
+    KeyedSegment,
+    RowChange,
+    TransactionalSqlSink,
+    Truncate,
+    plan_batch,
+)
 from loguru import logger
 
 CHECKPOINT_TABLE = "_dataflare_checkpoints"
@@ -249,10 +257,13 @@ class _Table:
     upsert_suffix: str = ""  # ON DUPLICATE KEY UPDATE ...
 
 
-class MysqlSink:
+class MysqlSink(TransactionalSqlSink):
+    label = "mysql destination"
+
     def __init__(self, name: str, config: MysqlSinkConfig, ctx: SinkContext) -> None:
         self.name = name
         self.cfg = config
+        self.mode = config.mode
         self.ctx = ctx
         self._conn: Any = None
         self._checkpoints: dict[str, Position | None] = {}
@@ -376,44 +387,30 @@ class MysqlSink:
 
     # ------------------------------------------------------------------ writing
 
-    def write(self, source: str, batch: Batch) -> None:
-        conn = self._require()
-        if self._partial_source not in (None, source):
-            raise FatalError(
-                f"mysql destination {self.name}: a batch of {source} arrived inside an "
-                f"incomplete transaction of {self._partial_source}"
-            )
+    def _commit_with_checkpoint(self, source: str, position: Position) -> None:
+        self._exec(
+            f"INSERT INTO {q(self.cfg.database)}.{q(CHECKPOINT_TABLE)} (workflow,"
+            " destination, source, kind, value, tag, updated_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6)) ON DUPLICATE KEY UPDATE"
+            " kind = VALUES(kind), value = VALUES(value), tag = VALUES(tag),"
+            " updated_at = VALUES(updated_at)",
+            (self.ctx.workflow, self.name, source, position.kind, position.value,
+             position.tag),
+        )  # fmt: skip
+        self._require().commit()
+        self.transactions += 1
+
+    @contextlib.contextmanager
+    def _translate_errors(self) -> Iterator[None]:
+        self._require()
         try:
-            if batch.changes:
-                if self.cfg.mode == "append":
-                    self._write_append(batch)
-                else:
-                    self._write_upsert(batch)
-                for s in batch.schemas:
-                    self._layouts[s.table] = s
-            if batch.complete:
-                self._exec(
-                    f"INSERT INTO {q(self.cfg.database)}.{q(CHECKPOINT_TABLE)} (workflow,"
-                    " destination, source, kind, value, tag, updated_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6)) ON DUPLICATE KEY UPDATE"
-                    " kind = VALUES(kind), value = VALUES(value), tag = VALUES(tag),"
-                    " updated_at = VALUES(updated_at)",
-                    (self.ctx.workflow, self.name, source, batch.last.kind, batch.last.value,
-                     batch.last.tag),
-                )  # fmt: skip
-                conn.commit()
-                self.transactions += 1
-                self._checkpoints[source] = batch.last
-                self._partial_source = None
-            else:
-                self._partial_source = source
+            yield
         except pymysql.err.MySQLError as e:
             self._rollback()
             raise self._failure(e, f"writing {self._current}") from None
         except DataflareError:
             self._rollback()
             raise
-        self.records_written += len(batch.changes)
 
     def _rollback(self) -> None:
         self._tables.clear()

@@ -31,7 +31,7 @@ import hashlib
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -58,6 +58,7 @@ from dataflare.sinks.sql_common import (
     InsertRows,
     KeyedSegment,
     RowChange,
+    TransactionalSqlSink,
     Truncate,
     plan_batch,
 )
@@ -187,10 +188,13 @@ def scrub(text: str, dsn: str) -> str:
     return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text)
 
 
-class PostgresSink:
+class PostgresSink(TransactionalSqlSink):
+    label = "postgres destination"
+
     def __init__(self, name: str, config: PostgresSinkConfig, ctx: SinkContext) -> None:
         self.name = name
         self.cfg = config
+        self.mode = config.mode
         self.ctx = ctx
         self.log = logger.bind(workflow=ctx.workflow, component=f"destination:{name}")
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
@@ -324,32 +328,22 @@ class PostgresSink:
 
     # ---------------------------------------------------------------------- write
 
-    def write(self, source: str, batch: Batch) -> None:
+    def _adapt_batch(self, batch: Batch) -> Batch:
         if batch.last.kind == "mysql":  # MySQL type names -> PostgreSQL (issue 4)
-            batch = mysql_types.for_postgres(batch)
-        conn = self._require()
-        if self._partial_source not in (None, source):
-            raise FatalError(
-                f"postgres destination {self.name}: a batch of {source} arrived inside an "
-                f"incomplete transaction of {self._partial_source}"
-            )
+            return mysql_types.for_postgres(batch)
+        return batch
+
+    def _commit_with_checkpoint(self, source: str, position: Position) -> None:
+        self._current = ""
+        self._save_checkpoint(source, position)
+        self._require().commit()
+        self._committed()
+
+    @contextlib.contextmanager
+    def _translate_errors(self) -> Iterator[None]:
+        self._require()
         try:
-            if batch.changes:
-                if self.cfg.mode == "append":
-                    self._write_append(batch)
-                else:
-                    self._write_upsert(batch)
-                for s in batch.schemas:
-                    self._layouts[s.table] = s
-            if batch.complete:
-                self._current = ""
-                self._save_checkpoint(source, batch.last)
-                conn.commit()
-                self._committed()
-                self._checkpoints[source] = batch.last
-                self._partial_source = None
-            else:
-                self._partial_source = source
+            yield
         except psycopg.Error as e:
             raise self._failure(e, "writing") from None
         except DataflareError:
@@ -363,7 +357,6 @@ class PostgresSink:
                 f"postgres destination {self.name}:{where} a value does not fit its target "
                 f"column's type ({type(e).__name__}: {e}); align the target table with the source"
             ) from None
-        self.records_written += len(batch.changes)
 
     def _save_checkpoint(self, source: str, pos: Position) -> None:
         self._require().execute(

@@ -22,11 +22,12 @@ columns) are kept as single-row steps, in order, between segments.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 from dataflare.cdc.errors import FatalError
-from dataflare.cdc.model import Change, Op, Row, TableId, TableSchema
+from dataflare.cdc.model import Batch, Change, Op, Position, Row, TableId, TableSchema
 
 
 @dataclass(slots=True)
@@ -268,3 +269,60 @@ def plan_batch(
             planner.flush()
             plan.steps = planner.steps
     return list(plans.values())
+
+
+class TransactionalSqlSink:
+    """The write protocol shared by SQL destinations: a batch's data and its
+    checkpoint commit in one target transaction; an incomplete batch (inside a large
+    source transaction) leaves it open until the batch that completes it, and no other
+    source may write meanwhile. Subclasses provide the database specifics."""
+
+    label = "sql destination"  # for messages: "<label> <name>: ..."
+    name: str
+    mode: str  # upsert | append
+    records_written: int
+    _partial_source: str | None
+    _layouts: dict[TableId, TableSchema]
+    _checkpoints: dict[str, Position | None]
+
+    def write(self, source: str, batch: Batch) -> None:
+        batch = self._adapt_batch(batch)
+        if self._partial_source not in (None, source):
+            raise FatalError(
+                f"{self.label} {self.name}: a batch of {source} arrived inside an "
+                f"incomplete transaction of {self._partial_source}"
+            )
+        with self._translate_errors():
+            if batch.changes:
+                if self.mode == "append":
+                    self._write_append(batch)
+                else:
+                    self._write_upsert(batch)
+                for s in batch.schemas:
+                    self._layouts[s.table] = s
+            if batch.complete:
+                self._commit_with_checkpoint(source, batch.last)
+                self._checkpoints[source] = batch.last
+                self._partial_source = None
+            else:
+                self._partial_source = source
+        self.records_written += len(batch.changes)
+
+    # --- what a database provides -------------------------------------------------
+
+    def _adapt_batch(self, batch: Batch) -> Batch:
+        return batch
+
+    def _translate_errors(self) -> AbstractContextManager[None]:
+        """Roll back and turn driver errors into Retryable/FatalError."""
+        raise NotImplementedError
+
+    def _write_upsert(self, batch: Batch) -> None:
+        raise NotImplementedError
+
+    def _write_append(self, batch: Batch) -> None:
+        raise NotImplementedError
+
+    def _commit_with_checkpoint(self, source: str, position: Position) -> None:
+        """Write the checkpoint in the open transaction and commit it."""
+        raise NotImplementedError
