@@ -18,6 +18,7 @@ import ctypes
 import gc
 import importlib
 import json
+import operator
 import os
 import pickle
 import select
@@ -46,7 +47,7 @@ from dataflare.cdc.errors import (
     PeerDied,
     RingClosed,
 )
-from dataflare.cdc.model import Batch, Position
+from dataflare.cdc.model import Batch, Op, Position, TableId
 from dataflare.cdc.registry import SOURCE_TYPES
 from dataflare.cdc.source import SourceContext
 from dataflare.daemon import logs
@@ -175,7 +176,7 @@ def run_source(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
         log.info("source open, resuming after {}", start if start else "the beginning")
         status.send("state", state="streaming")
         records = batches = 0
-        tally: Counter[tuple[str, str]] = Counter()  # (table, op) -> changes sent
+        tally: Counter[tuple[TableId, Op]] = Counter()  # (table, op) -> changes sent
         while not stop.requested:
             batch: Batch | None = source.read_batch(0.25)
             if batch is not None:
@@ -187,7 +188,9 @@ def run_source(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
                 else:
                     records += len(batch)
                     batches += 1
-                    tally.update((str(c.table), c.op.value) for c in batch.changes)
+                    # Counted in C: Change is a tuple (op, table, ...); named once per status.
+                    changes = batch.changes
+                    tally.update(zip(map(_TABLE, changes), map(_OP, changes), strict=True))
             version, data = producer.ack()
             if version != seen_version:
                 seen_version = version
@@ -230,11 +233,15 @@ def run_source(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
         state.close()
 
 
-def _table_counts(tally: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
+_OP = operator.itemgetter(0)
+_TABLE = operator.itemgetter(1)
+
+
+def _table_counts(tally: Counter[tuple[TableId, Op]]) -> dict[str, dict[str, int]]:
     """{table: {op: changes}} for the status line (op letters as in the change model)."""
     out: dict[str, dict[str, int]] = {}
     for (table, op), n in tally.items():
-        out.setdefault(table, {})[op] = n
+        out.setdefault(str(table), {})[op.value] = n
     return out
 
 
