@@ -326,3 +326,19 @@ def test_layout_change_cuts_batches(items_db: str) -> None:
     widths = [len(c.after) for b in batches for c in b.changes]  # type: ignore[arg-type]
     assert widths == [3, 4, 4, 3]
     assert batches[-1].complete
+
+
+def test_slot_in_use_by_another_process_is_retryable(items_db: str) -> None:
+    """A second reader of the same slot (say, a daemon that has not exited yet) is told
+    to retry rather than failing the workflow for good."""
+    from dataflare.cdc.errors import RetryableError
+
+    first = make_source(items_db, snapshot="never")
+    second = make_source(items_db, snapshot="never")
+    try:
+        first.open(None)
+        with pytest.raises(RetryableError, match=r"in use|active"):
+            second.open(Position("postgres", 1))
+    finally:
+        second.close()
+        first.close()
