@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dataflare.cdc.errors import EXIT_NOT_RUNNING
+from dataflare.daemon.status_model import human_duration
 
 EXIT_FAILED = 1
 
@@ -303,19 +304,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.1f}"
     return str(v)
-
-
-def human_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def human_bytes(n: float | None) -> str:

@@ -120,3 +120,17 @@ def merge_table_counts(
         for op, n in ops.items():
             row[op] = row.get(op, 0) + int(n)
     return into
+
+
+def human_duration(seconds: float | None) -> str:
+    """45s, 3m07s, 2h05m, 1d03h: uptimes and lags for people (CLI and TUI)."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

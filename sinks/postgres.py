@@ -131,26 +131,6 @@ class _NeverDumpedTextForm:
 TEXT_FORM_KEY_OID = 2279  # a pseudo-type oid no value has: only a lookup key
 
 
-class _TextFormDumper(Dumper):
-    """json/jsonb/interval (and arrays) columns: the postgres source sends their
-    exact text form (str), written as is; other sources send Python values: a
-    timedelta as an interval, anything else as JSON."""
-
-    oid = TEXT_FORM_KEY_OID
-
-    def __init__(self, cls: type, context: Any = None) -> None:
-        super().__init__(cls, context)
-        self._tx = Transformer(context)
-
-    def dump(self, obj: Any) -> bytes:
-        if isinstance(obj, str):
-            return obj.encode()
-        if isinstance(obj, timedelta):
-            out = self._tx.get_dumper(obj, PyFormat.TEXT).dump(obj)
-            return b"" if out is None else bytes(out)
-        return _to_json_value(obj).encode()
-
-
 class _AnyTextDumper(Dumper):
     """Text for a column that fell back to text, whatever the value's Python type
     (a domain unknown in the target arrives as its base type's value, a range as a
@@ -167,6 +147,19 @@ class _AnyTextDumper(Dumper):
             return obj.encode()
         out = self._tx.get_dumper(obj, PyFormat.TEXT).dump(obj)
         return b"" if out is None else bytes(out)
+
+
+class _TextFormDumper(_AnyTextDumper):
+    """json/jsonb/interval (and arrays) columns: the postgres source sends their
+    exact text form (str), written as is; other sources send Python values: a
+    timedelta as an interval, anything else as JSON."""
+
+    oid = TEXT_FORM_KEY_OID
+
+    def dump(self, obj: Any) -> bytes:
+        if isinstance(obj, str | timedelta):
+            return super().dump(obj)
+        return _to_json_value(obj).encode()
 
 
 _STRING_TYPE = re.compile(r"(text|character|varchar|char|bpchar|name|citext)\b")

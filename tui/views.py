@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from dataflare.daemon.status_model import human_duration
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -67,18 +68,7 @@ def count(v: Any) -> str:
 def seconds(v: Any) -> str:
     if not isinstance(v, (int, float)):
         return "-"
-    return f"{v:.1f}s" if v < 100 else duration(v)
-
-
-def duration(s: float) -> str:
-    n = int(s)
-    if n < 60:
-        return f"{n}s"
-    if n < 3600:
-        return f"{n // 60}m{n % 60:02d}s"
-    if n < 86400:
-        return f"{n // 3600}h{n % 3600 // 60:02d}m"
-    return f"{n // 86400}d{n % 86400 // 3600:02d}h"
+    return f"{v:.1f}s" if v < 100 else human_duration(v)
 
 
 def size(n: Any) -> str:
@@ -111,7 +101,7 @@ def banner(status: dict[str, Any]) -> Text:
     wfs = status.get("workflows", [])
     t = Text()
     t.append(f"dataflare {d['version']}", style="bold")
-    t.append(f" · up {duration(d['uptime_s'])} · config gen {d['config_generation']}")
+    t.append(f" · up {human_duration(d['uptime_s'])} · config gen {d['config_generation']}")
     errors = d.get("config_errors") or []
     if errors:
         t.append(f" · {len(errors)} config error(s)", style="bold red")
