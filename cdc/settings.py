@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Any
 
+from dataflare.cdc.errors import ConfigError
+
 UNIT = "dataflare_unit"
 SECRET = "dataflare_secret"
 HELP = "dataflare_help"
@@ -29,3 +31,14 @@ def byte_size(default: int, help: str = "") -> Any:
 
 def secret(default: str | None = None, help: str = "") -> Any:
     return field(default=default, metadata={SECRET: True, HELP: help})
+
+
+class ConfigKeyError(ConfigError):
+    """Raised by a config dataclass's ``__post_init__`` to blame one of its keys:
+    the loader reports ``message`` at that key's line (``key`` may be a path such
+    as ``("rules", 2, "field")``)."""
+
+    def __init__(self, key: str | tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.key_path: tuple[str | int, ...] = (key,) if isinstance(key, str) else key
+        self.message = message

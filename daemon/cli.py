@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     for cmd in ("pause", "resume", "restart"):
         c = sub.add_parser(cmd, help=f"{cmd} a workflow")
         c.add_argument("workflow")
+    dl = sub.add_parser("dlq", help="dead letters: list, show, replay or purge them")
+    dl.add_argument("action", choices=("list", "show", "replay", "purge"))
+    dl.add_argument("workflow")
+    dl.add_argument("ids", nargs="*", type=int, help="dead letter ids (default: all)")
+    dl.add_argument("--json", action="store_true", help="JSON output")
+    dl.add_argument(
+        "--wait", type=float, default=30.0, help="replay: wait this long for the outcome"
+    )
     pl = sub.add_parser("plan", help="draw a workflow's DAG")
     pl.add_argument("workflow", help="workflow name (in the daemon config) or workflow file")
     ck = sub.add_parser(
@@ -78,7 +86,8 @@ def _remote(args: argparse.Namespace, config: str) -> int:
 
     path = socket_path(args.socket, config)
     try:
-        with ControlClient(path) as client:
+        wait = float(getattr(args, "wait", 0) or 0)
+        with ControlClient(path, timeout=10.0 + wait) as client:
             if args.command == "status":
                 st = client.request("status")
                 if args.workflow:
@@ -106,6 +115,8 @@ def _remote(args: argparse.Namespace, config: str) -> int:
                     f"configuration generation {res['generation']} applied: "
                     f"{' '.join(res['changes']) or 'no workflow changed'}"
                 )
+            elif args.command == "dlq":
+                return _dlq(client, args)
             else:
                 st = client.request(args.command, workflow=args.workflow)
                 print(f"{st['name']}: {st['state']}")
@@ -119,6 +130,42 @@ def _remote(args: argparse.Namespace, config: str) -> int:
         print(f"dataflare {args.command}: {e}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def _dlq(client: Any, args: argparse.Namespace) -> int:
+    from dataflare.daemon.dlq_view import render_letters
+
+    wf, ids = args.workflow, args.ids
+    if args.action == "list":
+        res = client.request("dlq_list", workflow=wf)
+        if args.json:
+            print(json.dumps(res, indent=2))
+        else:
+            print(render_letters(wf, res["count"], res["letters"]))
+        return 0
+    if args.action == "show":
+        if not ids:
+            print("dataflare dlq show: give one or more dead letter ids", file=sys.stderr)
+            return EXIT_FAILED
+        res = client.request("dlq_show", workflow=wf, ids=ids)
+        letters = res["letters"]
+        print(json.dumps(letters[0] if len(ids) == 1 else letters, indent=2))
+        return 0
+    if args.action == "purge":
+        res = client.request("dlq_purge", workflow=wf, ids=ids or None)
+        print(json.dumps(res) if args.json else f"{wf}: {res['purged']} dead letter(s) purged")
+        return 0
+    res = client.request("dlq_replay", workflow=wf, ids=ids or None, wait=args.wait)
+    if args.json:
+        print(json.dumps(res))
+    elif "replayed" in res:
+        print(f"{wf}: {res['replayed']} replayed, {res['failed']} still failing")
+    else:
+        print(
+            f"{wf}: replay of {res['requested']} dead letter(s) requested"
+            + (f" ({res['note']})" if res.get("note") else "")
+        )
+    return EXIT_FAILED if res.get("failed") else 0
 
 
 def _load_workflow(config: str, workflow: str) -> Any:

@@ -41,7 +41,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from dataflare.cdc.errors import ConfigError
 from dataflare.cdc.registry import SOURCE_TYPES, ConnectorType
-from dataflare.cdc.settings import SECRET, UNIT, duration
+from dataflare.cdc.settings import SECRET, UNIT, ConfigKeyError, duration
 from dataflare.daemon.transform_registry import TRANSFORM_TYPES
 from dataflare.daemon.yaml_located import LocatedYaml, Path, load_located
 from dataflare.sinks.registry import SINK_TYPES
@@ -57,10 +57,18 @@ SECRET_KEYS = frozenset({"password", "dsn"})
 
 @dataclass(frozen=True)
 class ErrorHandling:
-    retry_count: int = 5
+    retry_count: int = 5  # retries of a failing batch before on_error / a restart
     backoff: Literal["fixed", "exponential"] = "exponential"
     initial_backoff: float = duration(0.1)  # seconds; YAML "100ms"
     max_backoff: float = duration(30.0)
+    jitter: bool = True  # exponential waits drawn from [wait/2, wait] ("equal jitter")
+    # A record a transformation or destination rejects (bad data, HTTP 4xx): fail
+    # the workflow, skip it (counted), or keep it as a dead letter (`dataflare dlq`).
+    on_error: Literal["fail", "skip", "dead_letter"] = "fail"
+    # Destinations: after this many failed attempts in a row the circuit opens and
+    # writes pause for `circuit_breaker_reset` (the source waits; nothing is lost).
+    circuit_breaker_threshold: int = 5
+    circuit_breaker_reset: float = duration(30.0)
 
 
 @dataclass(frozen=True)
@@ -553,12 +561,44 @@ def _check_dag(r: _Reader, drafts: list[_Draft], complete: bool) -> None:
                     (d.section, d.name),
                     f"{kind} is not used: no transformation or destination lists it in `inputs`",
                 )
+    if wired:
+        for d in drafts:
+            if d.spec is not None and d.spec.type == "route" and by_name[d.name] is d:
+                _check_route_targets(r, d, consumers.get(d.name, []))
     for cycle in _cycles(drafts, by_name):
         start = min(cycle, key=lambda n: by_name[n].line)
         i = cycle.index(start)
         ordered = cycle[i:] + cycle[:i]
         text = " -> ".join([*ordered, start])
         r.issue(("transformations", start, "inputs"), f"inputs form a cycle: {text}")
+
+
+def _check_route_targets(r: _Reader, d: _Draft, takers: list[str]) -> None:
+    """A route sends only to nodes that list it in `inputs`, and each of those is
+    named by a route or `default` (else it would silently receive nothing)."""
+    assert d.spec is not None
+    cfg = d.spec.config
+    named: set[str] = set()
+    base: Path = ("transformations", d.name, "config")
+    targets: list[tuple[Path, list[str]]] = [
+        (("routes", i, "to"), rt.to) for i, rt in enumerate(cfg.routes)
+    ]
+    targets.append((("default",), cfg.default))
+    for where, names in targets:
+        for j, target in enumerate(names):
+            named.add(target)
+            if target not in takers:
+                hint = _suggest(target, takers) if takers else ""
+                r.issue(
+                    (*base, *where, j),
+                    f"{target!r} does not list {d.name!r} in its `inputs`" + hint,
+                )
+    for taker in takers:
+        if taker not in named:
+            r.issue(
+                (*base, "routes"),
+                f"{taker!r} takes this route as input but no route or `default` sends to it",
+            )
 
 
 def _cycles(drafts: list[_Draft], by_name: dict[str, _Draft]) -> list[list[str]]:
@@ -963,6 +1003,8 @@ class _Reader:
             return _INVALID
         try:
             return cls(**kwargs)
+        except ConfigKeyError as e:
+            return self.fail((*path, *e.key_path), e.message)
         except (TypeError, ValueError, ConfigError) as e:
             # A connector's own checks in __post_init__; their messages hold no secrets.
             return self.fail(path, str(e))

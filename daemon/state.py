@@ -821,6 +821,11 @@ class StateStore:
     def delete_dead_letter(self, workflow: str, letter_id: int) -> bool:
         return self._write(_req_delete_dead_letter(workflow, letter_id))
 
+    def get_dead_letter(self, workflow: str, letter_id: int) -> dict[str, Any] | None:
+        key = _s(workflow) + _u64(letter_id)
+        raw = self._read(lambda ops: ops.get("dead_letters", key))
+        return None if raw is None else _dict(_unpack(raw))
+
     def count_dead_letters(self, workflow: str) -> int:
         prefix = _s(workflow)
         return self._read(lambda ops: ops.count("dead_letters", prefix))

@@ -419,6 +419,7 @@ class WorkflowRunner:
             st = dest_status.get(d.name, {})
             destinations.append(
                 {
+                    **st,  # destination-specific keys (duplicates, stream, ...); these win
                     "name": d.name,
                     "type": d.type,
                     "position": st.get("position"),
@@ -427,6 +428,8 @@ class WorkflowRunner:
                     "rate_out": round(rates.rate(f"out:{d.name}"), 1),
                     "errors": int(st.get("errors", 0)),
                     "dead_letters": int(st.get("dead_letters", 0)),
+                    "rejected": int(st.get("rejected", 0)),
+                    "circuit": st.get("circuit", "closed"),
                 }
             )
         counters = self._counters()
@@ -444,7 +447,11 @@ class WorkflowRunner:
             "rate_out": round(rates.rate("out"), 1),
             "batches": batches,
             "errors": self.errors,
-            "dead_letters": sum(d["dead_letters"] for d in destinations),
+            "dead_letters": int(
+                self._apply_status.get("dead_letters")
+                or sum(d["dead_letters"] for d in destinations)
+            ),
+            "transformations": self._apply_status.get("transformations") or {},
             "last_error": self.last_error,
             "restarts": self.restarts,
             "note": self.note,
@@ -841,7 +848,64 @@ class Supervisor:
             else:
                 await runner.restart()
             return runner.status()
+        if cmd in ("dlq_list", "dlq_show", "dlq_replay", "dlq_purge"):
+            return await self._dead_letters(cmd, args)
         raise ValueError(f"unknown command {cmd!r}")
+
+    async def _dead_letters(self, cmd: str, args: dict[str, Any]) -> Any:
+        from dataflare.daemon.deadletters import DeadLetterStore
+        from dataflare.daemon.dlq_view import letter_detail
+        from dataflare.daemon.state import StateStore
+
+        name = str(args.get("workflow", ""))
+        runner = self.runners.get(name)
+        if runner is None:
+            raise KeyError(f"no workflow named {name!r}")
+        assert self.config is not None
+        state_dir = self.config.daemon.state_dir
+        raw_ids = args.get("ids")
+        ids = None if not raw_ids else [int(i) for i in raw_ids]
+
+        def run() -> Any:
+            with StateStore(state_dir) as state:
+                store = DeadLetterStore(state, name)
+                if cmd == "dlq_list":
+                    limit = int(args.get("limit") or 1000)
+                    return {
+                        "count": store.count(),
+                        "letters": [d.summary() for d in store.letters(limit)],
+                    }
+                if cmd == "dlq_show":
+                    found = [store.get(i) for i in ids or []]
+                    missing = [i for i, d in zip(ids or [], found, strict=True) if d is None]
+                    if missing:
+                        raise KeyError(f"no dead letter {missing[0]} in workflow {name!r}")
+                    return {"letters": [letter_detail(d) for d in found if d is not None]}
+                if cmd == "dlq_purge":
+                    return {"purged": store.purge(ids)}
+                store.request_replay(ids)
+                return {"requested": store.count() if ids is None else len(ids)}
+
+        result = await asyncio.to_thread(run)
+        if cmd == "dlq_replay":
+            if runner.state not in (WorkflowState.STREAMING, WorkflowState.SNAPSHOTTING):
+                result["note"] = (
+                    f"workflow {name} is {runner.state.value}: the replay runs when it streams"
+                )
+            wait = float(args.get("wait") or 0)
+            deadline = time.monotonic() + wait
+            while wait and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+
+                def outcome() -> Any:
+                    with StateStore(state_dir) as state:
+                        return DeadLetterStore(state, name).replay_result()
+
+                done = await asyncio.to_thread(outcome)
+                if done:
+                    result.update(done)
+                    break
+        return result
 
     def status(self) -> dict[str, Any]:
         return {

@@ -15,6 +15,7 @@ report to the supervisor with JSON lines on ``status_fd``; logs go to stderr.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import importlib
 import json
@@ -27,7 +28,7 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,18 +45,25 @@ from dataflare.cdc.errors import (
     EXIT_OK,
     EXIT_RETRYABLE,
     DataflareError,
+    FatalError,
     PeerDied,
+    RetryableError,
     RingClosed,
 )
-from dataflare.cdc.model import Batch, Op, Position, TableId
+from dataflare.cdc.model import Batch, Change, Op, Position, TableId, TableSchema
 from dataflare.cdc.registry import SOURCE_TYPES
 from dataflare.cdc.source import SourceContext
 from dataflare.daemon import logs
 from dataflare.daemon.config import WorkflowConfig
 from dataflare.daemon.dag import destinations_by_source
+from dataflare.daemon.deadletters import DeadLetter, DeadLetterStore
+from dataflare.daemon.retry import CircuitBreaker, backoff_delay
 from dataflare.daemon.ring import RingConsumer, RingProducer
 from dataflare.daemon.state import StateStore
-from dataflare.sinks.base import Sink, SinkContext
+from dataflare.daemon.transform_registry import TRANSFORM_TYPES
+from dataflare.daemon.transforms.base import TransformContext
+from dataflare.daemon.transforms.pipeline import Failure, NodeUnavailable, Pipeline
+from dataflare.sinks.base import Rejected, Sink, SinkContext
 from dataflare.sinks.registry import SINK_TYPES
 from loguru import logger
 
@@ -249,27 +257,65 @@ def _table_counts(tally: Counter[tuple[TableId, Op]]) -> dict[str, dict[str, int
 
 
 class Applier:
-    """Applies batches of every source to the destinations they reach."""
+    """Applies batches of every source, through the transformations, to the
+    destinations they reach; retries, circuit breakers and dead letters."""
 
-    def __init__(self, spec: WorkerSpec, state: StateStore) -> None:
+    def __init__(self, spec: WorkerSpec, state: StateStore, stop: StopSignal | None = None) -> None:
         wf = spec.workflow
         self.wf = wf
+        self.stop = stop
+        self.log = logger.bind(workflow=wf.name, component="apply")
         self.routes = destinations_by_source(wf)  # source -> destination names
         reached_by: dict[str, list[str]] = {d.name: [] for d in wf.destinations}
         for src, dests in self.routes.items():
             for d in dests:
                 reached_by[d].append(src)
+        self.handling = {n.name: n.error_handling for n in (*wf.transformations, *wf.destinations)}
+        self.dlq = DeadLetterStore(state, wf.name)
+        self._letters: list[dict[str, Any]] = []  # refused changes, stored before checkpoints
         self.sinks: dict[str, Sink] = {}
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.counts: dict[str, Counter[str]] = {}
         for node in wf.destinations:
-            ctx = SinkContext(wf.name, node.name, tuple(reached_by[node.name]), state)
+            eh = node.error_handling
+            ctx = SinkContext(
+                wf.name,
+                node.name,
+                tuple(reached_by[node.name]),
+                state,
+                on_error=eh.on_error,
+                reject=functools.partial(self._sink_rejected, node.name),
+            )
             self.sinks[node.name] = load_class(SINK_TYPES[node.type].implementation)(
                 node.name, node.config, ctx
             )
+            self.breakers[node.name] = CircuitBreaker.of(eh)
+            self.counts[node.name] = Counter()
+        transforms: dict[str, Any] = {}
+        for node in wf.transformations:
+            tctx = TransformContext(wf.name, node.name)
+            impl = load_class(TRANSFORM_TYPES[node.type].implementation)
+            transforms[node.name] = impl(node.name, node.config, tctx)
+            self.counts[node.name] = Counter()
+        self.pipeline: Pipeline | None = None
+        if transforms:
+            policies = {n.name: n.error_handling.on_error for n in wf.transformations}
+            self.pipeline = Pipeline(wf, transforms, policies, self._transform_rejected)
         self.checkpoints: dict[str, dict[str, Position | None]] = {}
+        self._open_txn: dict[str, str | None] = {d.name: None for d in wf.destinations}
+        # Parts of an open source transaction already written to a transactional
+        # destination that refuses records (on_error skip/dead_letter): kept so a
+        # refusal inside a large transaction or the snapshot can still be isolated.
+        self._txn_parts: dict[str, tuple[list[Change], list[TableSchema]]] = {}
         self.records_out = 0
         self.batches = 0
+        self.last_errors: dict[str, str] = {}
+        self._writing: dict[TableId, TableSchema] = {}
 
     def open(self) -> None:
+        if self.pipeline is not None:
+            for t in self.pipeline.transforms.values():
+                t.open()
         for name, sink in self.sinks.items():
             sink.open()
             self.checkpoints[name] = {
@@ -283,32 +329,355 @@ class Applier:
             return None
         return min(p for p in points if p is not None)
 
+    # -------------------------------------------------------------------- apply
+
     def apply(self, source: str, batch: Batch) -> None:
-        for dest in self.routes[source]:
+        dests = self.routes[source]
+        changes = batch.changes
+        # Every destination already has a prefix of this batch (a re-sent window):
+        # transform only what some destination still lacks.
+        floor = self.start_position(source)
+        if floor is not None and batch.first <= floor:
+            if batch.complete and batch.last <= floor:
+                self.batches += 1
+                return
+            changes = [c for c in changes if c.position > floor]
+        outputs: dict[str, tuple[list[Change], dict[TableId, TableSchema] | None]]
+        if self.pipeline is None:
+            outputs = {d: (changes, None) for d in dests}
+        else:
+            outputs = self._run_pipeline(source, changes, batch.schema_map())
+        self._flush_letters()  # refused changes are durable before any checkpoint passes them
+        for dest in dests:
             done = self.checkpoints[dest][source]
-            part = batch
+            if done is not None and batch.complete and batch.last <= done:
+                continue  # re-sent window this destination already has
+            part_changes, schemas = outputs.get(dest, ([], {}))
             if done is not None and batch.first <= done:
-                if batch.complete and batch.last <= done:
-                    continue  # re-sent window this destination already has
-                part = Batch(
-                    [c for c in batch.changes if c.position > done],
-                    batch.schemas,
-                    batch.first,
-                    batch.last,
-                    batch.complete,
-                )
-            self.sinks[dest].write(source, part)
+                part_changes = [c for c in part_changes if c.position > done]
+            part = Batch(
+                part_changes,
+                batch.schemas if schemas is None else list(schemas.values()),
+                batch.first,
+                batch.last,
+                batch.complete,
+            )
+            self._write(dest, source, part)
             self.records_out += len(part.changes)
             if batch.complete:
                 self.checkpoints[dest][source] = batch.last
         self.batches += 1
 
+    def _run_pipeline(
+        self, source: str, changes: list[Change], schemas: dict[TableId, TableSchema]
+    ) -> dict[str, tuple[list[Change], dict[TableId, TableSchema] | None]]:
+        assert self.pipeline is not None
+        attempt = 0
+        while True:
+            try:
+                out = self.pipeline.run(source, changes, schemas)
+                return {d: (c, s) for d, (c, s) in out.items()}
+            except NodeUnavailable as e:
+                self._letters.clear()  # the batch is run again from the start
+                attempt += 1
+                eh = self.handling[e.node]
+                self.counts[e.node]["errors"] += 1
+                self.last_errors[e.node] = str(e)
+                if attempt > eh.retry_count:
+                    raise
+                delay = backoff_delay(eh, attempt)
+                self.log.warning("{}; retry {} in {:.2f}s", e, attempt, delay)
+                self._sleep(delay)
+
+    def _write(self, dest: str, source: str, part: Batch) -> None:
+        """Write with retries (reopening the destination) and the circuit breaker."""
+        sink = self.sinks[dest]
+        eh = self.handling[dest]
+        breaker = self.breakers[dest]
+        self._writing = part.schema_map()  # layouts of what a destination may refuse
+        attempt = 0
+        while True:
+            wait = breaker.wait_s()
+            if wait > 0:
+                self._sleep(wait)
+            try:
+                sink.write(source, part)
+                breaker.success()
+                self._open_txn[dest] = None if part.complete else source
+                self._keep_part(dest, part)
+                return
+            except RetryableError as e:
+                attempt += 1
+                self.counts[dest]["errors"] += 1
+                self.last_errors[dest] = str(e)
+                if self._open_txn[dest] is not None:
+                    raise  # earlier parts of this transaction were lost with the connection
+                opened = breaker.failure()
+                if not opened and attempt > eh.retry_count:
+                    raise
+                delay = breaker.wait_s() if opened else backoff_delay(eh, attempt)
+                self.log.warning(
+                    "destination {}: {}; {} in {:.2f}s",
+                    dest,
+                    e,
+                    "circuit open, next attempt" if opened else f"retry {attempt}",
+                    delay,
+                )
+                self._sleep(delay)
+                self._reopen(dest)
+            except FatalError as e:
+                earlier, layouts = self._txn_parts.get(dest, ([], []))
+                merged = {s.table: s for s in (*layouts, *part.schemas)}
+                if (
+                    not self._isolating(dest)
+                    or not part.changes
+                    or len(merged) != len({(s.table, s) for s in (*layouts, *part.schemas)})
+                ):
+                    raise
+                self.counts[dest]["errors"] += 1
+                self.last_errors[dest] = str(e)
+                self._reopen(dest)
+                self._isolate(dest, source, part, earlier, list(merged.values()), str(e))
+                return
+
+    def _isolating(self, dest: str) -> bool:
+        return self.handling[dest].on_error != "fail" and bool(
+            getattr(self.sinks[dest], "transactional", False)
+        )
+
+    def _keep_part(self, dest: str, part: Batch) -> None:
+        if part.complete:
+            self._txn_parts.pop(dest, None)
+        elif self._isolating(dest):
+            changes, layouts = self._txn_parts.setdefault(dest, ([], []))
+            changes.extend(part.changes)
+            layouts.extend(s for s in part.schemas if s not in layouts)
+
+    def _isolate(
+        self,
+        dest: str,
+        source: str,
+        part: Batch,
+        earlier: list[Change],
+        layouts: list[TableSchema],
+        first_error: str,
+    ) -> None:
+        """Find the changes a transactional destination refuses (bisecting in open
+        transactions that are then abandoned), refuse them, and write the rest (with
+        the checkpoint when ``part`` completes the source transaction): nothing is
+        committed before the refused changes are known. ``earlier``: the parts of
+        this source transaction written before, lost with the abandoned transaction."""
+        sink = self.sinks[dest]
+        schemas = {s.table: s for s in layouts}
+        good: list[Change] = []
+        rest = [*earlier, *part.changes]
+        error = first_error
+        while True:
+            lo, hi = 1, len(rest)
+            while lo < hi:  # smallest prefix of `rest` that fails after `good`
+                mid = (lo + hi) // 2
+                try:
+                    sink.write(
+                        source, Batch(good + rest[:mid], layouts, part.first, part.last, False)
+                    )
+                    lo = mid + 1
+                except FatalError as e:
+                    hi, error = mid, str(e)
+                self._reopen(dest)  # abandon the probe's open transaction
+            poison = rest[lo - 1]
+            self._sink_rejected(dest, source, [Rejected(poison, error)], schemas)
+            good.extend(rest[: lo - 1])
+            rest = rest[lo:]
+            self._flush_letters()
+            final = Batch(good + rest, layouts, part.first, part.last, part.complete)
+            try:
+                sink.write(source, final)
+                self._open_txn[dest] = None if part.complete else source
+                self._txn_parts.pop(dest, None)
+                self._keep_part(dest, final)
+                return
+            except FatalError as e:
+                error = str(e)
+                self._reopen(dest)
+                if not rest:
+                    raise
+
+    def _reopen(self, dest: str) -> None:
+        sink = self.sinks[dest]
+        try:
+            sink.close()
+        except Exception as e:
+            self.log.debug("closing destination {} for a retry: {}", dest, e)
+        try:
+            sink.open()
+        except RetryableError as e:
+            self.log.warning("destination {}: reopening failed: {}", dest, e)
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait, but give up (retryably) when asked to stop: nothing is lost, the
+        checkpoints have not moved."""
+        if self.stop is None:
+            time.sleep(seconds)
+            return
+        ready, _, _ = select.select([self.stop.fd], [], [], seconds)
+        if ready:
+            self.stop.drain()
+        if self.stop.requested:
+            raise RetryableError("stopping while waiting to retry")
+
+    # ---------------------------------------------------------------- refusals
+
+    def _transform_rejected(self, failure: Failure) -> None:
+        policy = self.handling[failure.node].on_error
+        self.counts[failure.node]["rejected"] += 1
+        self.last_errors[failure.node] = failure.error
+        if policy == "dead_letter":
+            self._letters.append(
+                self.dlq.record(
+                    failure.node,
+                    "transform",
+                    failure.source,
+                    failure.change,
+                    failure.schema,
+                    failure.error,
+                    failure.destinations,
+                )
+            )
+        else:
+            self.counts[failure.node]["skipped"] += 1
+        self.log.warning(
+            "transformation {}: a change of {} at {} refused ({}): {}",
+            failure.node,
+            failure.change.table,
+            failure.change.position,
+            "dead letter" if policy == "dead_letter" else "skipped",
+            failure.error,
+        )
+
+    def _sink_rejected(
+        self,
+        dest: str,
+        source: str,
+        rejected: Sequence[Rejected],
+        schemas: dict[TableId, TableSchema] | None = None,
+    ) -> None:
+        policy = self.handling[dest].on_error
+        for r in rejected:
+            self.counts[dest]["rejected"] += 1
+            self.last_errors[dest] = r.error
+            schema = (schemas or self._writing).get(r.change.table)
+            if policy == "dead_letter" and schema is not None:
+                self._letters.append(
+                    self.dlq.record(dest, "destination", source, r.change, schema, r.error, [dest])
+                )
+            else:
+                self.counts[dest]["skipped"] += 1
+        self.log.warning(
+            "destination {}: {} change(s) refused ({}): {}",
+            dest,
+            len(rejected),
+            "dead letters" if policy == "dead_letter" else "skipped",
+            rejected[0].error if rejected else "",
+        )
+        self._flush_letters()
+
+    def _flush_letters(self) -> None:
+        if self._letters:
+            letters, self._letters = self._letters, []
+            self.dlq.put_many(letters)
+
+    # ------------------------------------------------------------------- replay
+
+    def replay_dead_letters(self) -> None:
+        """Serve a `dataflare dlq replay` request, between batches."""
+        asked, ids = self.dlq.take_replay_request()
+        if not asked:
+            return
+        letters = (
+            self.dlq.letters()
+            if ids is None
+            else [d for d in (self.dlq.get(i) for i in ids) if d is not None]
+        )
+        replayed = failed = 0
+        for letter in letters:
+            try:
+                self._replay(letter)
+            except (DataflareError, Exception) as e:  # the letter stays, with its new error
+                if isinstance(e, RetryableError) and self.stop is not None and self.stop.requested:
+                    raise
+                failed += 1
+                self.dlq.update_failed(letter, str(e))
+                continue
+            self.dlq.delete(letter.id)
+            replayed += 1
+        self.log.info("dead letters replayed: {} ok, {} still failing", replayed, failed)
+        self.dlq.put_replay_result({"replayed": replayed, "failed": failed})
+
+    def _replay(self, letter: DeadLetter) -> None:
+        if letter.stage == "destination":
+            outputs = {letter.node: ([letter.change], {letter.schema.table: letter.schema})}
+        else:
+            if self.pipeline is None:
+                raise FatalError(f"transformation {letter.node} is no longer in the workflow")
+            failures: list[Failure] = []
+            saved = self.pipeline.reject
+            self.pipeline.reject = failures.append
+            saved_policy = self.pipeline.policies.get(letter.node)
+            self.pipeline.policies[letter.node] = "fail"  # a replay that fails keeps its letter
+            try:
+                outputs = self.pipeline.run_from(
+                    letter.node, letter.source, letter.change, letter.schema
+                )
+            finally:
+                self.pipeline.reject = saved
+                if saved_policy is not None:
+                    self.pipeline.policies[letter.node] = saved_policy
+            if failures:
+                raise FatalError(failures[0].error)
+        for dest in letter.destinations:
+            if dest not in self.sinks or dest not in outputs:
+                continue
+            changes, schemas = outputs[dest]
+            if not changes:
+                continue
+            done = self.checkpoints.get(dest, {}).get(letter.source)
+            at = done if done is not None else letter.change.position
+            # Checkpoint unchanged: the replayed change is old, the destination is not.
+            part = Batch(changes, list(schemas.values()), at, at, True)
+            self._write(dest, letter.source, part)
+            self.records_out += len(changes)
+
+    # ------------------------------------------------------------------- status
+
     def status(self) -> dict[str, Any]:
         dests = {}
+        letters = self.dlq.count()
         for name, sink in self.sinks.items():
             pos = [p for p in self.checkpoints.get(name, {}).values() if p is not None]
-            dests[name] = {"position": str(max(pos)) if pos else None, **sink.status()}
-        return {"records_out": self.records_out, "batches": self.batches, "destinations": dests}
+            c = self.counts[name]
+            dests[name] = {
+                "position": str(max(pos)) if pos else None,
+                "errors": c["errors"],
+                "rejected": c["rejected"],
+                "skipped": c["skipped"],
+                "circuit": self.breakers[name].state,
+                **sink.status(),
+            }
+        out: dict[str, Any] = {
+            "records_out": self.records_out,
+            "batches": self.batches,
+            "destinations": dests,
+            "dead_letters": letters,
+        }
+        if self.pipeline is not None:
+            nodes = self.pipeline.status()
+            for name, st in nodes.items():
+                c = self.counts[name]
+                st.update(errors=c["errors"], skipped=c["skipped"])
+            out["transformations"] = nodes
+        if self.last_errors:
+            out["node_errors"] = dict(self.last_errors)
+        return out
 
     def close(self) -> None:
         for sink in self.sinks.values():
@@ -316,6 +685,12 @@ class Applier:
                 sink.close()
             except Exception as e:  # closing must not hide the error that got us here
                 logger.warning("closing a destination failed: {}", e)
+        if self.pipeline is not None:
+            for t in self.pipeline.transforms.values():
+                try:
+                    t.close()
+                except Exception as e:
+                    logger.warning("closing a transformation failed: {}", e)
 
 
 def run_apply(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
@@ -323,7 +698,7 @@ def run_apply(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
     log = logger.bind(workflow=wf.name, component="apply")
     consumers = {s: RingConsumer.attach(h) for s, h in spec.rings.items()}
     state = StateStore(spec.state_dir)
-    applier = Applier(spec, state)
+    applier = Applier(spec, state, stop)
     try:
         status.send("state", state="starting")
         applier.open()
@@ -388,6 +763,8 @@ def _apply_loop(
                 else:
                     sticky = name
         if status.due():
+            if sticky is None:
+                applier.replay_dead_letters()
             status.send("status", role="apply", **applier.status())
 
 

@@ -377,6 +377,8 @@ class MysqlSink(TransactionalSqlSink):
         }
 
     def close(self) -> None:
+        self._tables.clear()  # prepared layouts go with the connection
+        self._partial_source = None
         if self._conn is not None:
             try:
                 self._conn.rollback()

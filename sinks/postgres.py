@@ -310,6 +310,12 @@ class PostgresSink(TransactionalSqlSink):
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
+        # What the connection held (temp staging tables, prepared layouts, an open
+        # transaction) goes with it: a reopened sink starts clean.
+        self._tables.clear()
+        self._staging_ready.clear()
+        self._staging_used.clear()
+        self._partial_source = None
         if conn is not None:
             with contextlib.suppress(psycopg.Error):
                 conn.close()  # an open (incomplete) transaction is rolled back

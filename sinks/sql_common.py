@@ -278,6 +278,9 @@ class TransactionalSqlSink:
     source may write meanwhile. Subclasses provide the database specifics."""
 
     label = "sql destination"  # for messages: "<label> <name>: ..."
+    # A write that fails leaves nothing behind once the destination is reopened, so
+    # the apply process may probe sub-batches to find a change the target refuses.
+    transactional = True
     name: str
     mode: str  # upsert | append
     records_written: int

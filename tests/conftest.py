@@ -1,4 +1,4 @@
-"""Shared fixtures: private PostgreSQL and MariaDB servers (see tests/servers.py).
+"""Shared fixtures: private PostgreSQL, MariaDB, Redis and NATS servers (see tests/servers.py).
 
 The servers are session-scoped and start lazily: a test that asks only for
 ``pg_server`` never starts MariaDB. They are stopped and their temporary
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.servers import MariaDBServer, PostgresServer
+from tests.servers import MariaDBServer, NatsServer, PostgresServer, RedisServer
 
 
 def unique_db_name(test_name: str) -> str:
@@ -37,6 +37,28 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServ
 def mariadb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBServer]:
     """A private MariaDB 10.11 (row binlog, FULL image and metadata) for the session."""
     server = MariaDBServer(tmp_path_factory.mktemp("mariadb_server"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private Redis (no persistence) for the session; ``.url``, ``.client()``."""
+    server = RedisServer(tmp_path_factory.mktemp("redis_server"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A private NATS server with JetStream for the session; ``.url``."""
+    server = NatsServer(tmp_path_factory.mktemp("nats_server"))
     try:
         server.start()
         yield server

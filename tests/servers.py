@@ -6,10 +6,13 @@ capture. Nothing here touches the machine's shared database services.
 
 Usage outside pytest::
 
-    from tests.servers import MariaDBServer, PostgresServer
+    from tests.servers import MariaDBServer, NatsServer, PostgresServer, RedisServer
 
     with PostgresServer() as pg, MariaDBServer() as my:   # start() ... destroy()
         print(pg.dsn(), my.url())
+
+    with RedisServer() as redis, NatsServer() as nats:  # no persistence / JetStream
+        print(redis.url, nats.url)
 
 ``PostgresServer(base_dir)`` / ``MariaDBServer(base_dir)`` keep their data in
 ``base_dir`` (a fresh temporary directory when ``None``, removed by ``destroy()``).
@@ -70,7 +73,9 @@ __all__ = [
     "HOST",
     "Durability",
     "MariaDBServer",
+    "NatsServer",
     "PostgresServer",
+    "RedisServer",
     "ServerError",
     "ServerStartError",
     "find_mariadb_binaries",
@@ -1069,3 +1074,171 @@ class MariaDBServer(_Server):
 
     def drop_database(self, name: str) -> None:
         self.execute(f"DROP DATABASE IF EXISTS {self.quote_name(name)}")
+
+
+# ------------------------------------------------------------------- Redis and NATS
+
+
+def _owns_listener(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds the socket listening on TCP ``port`` (so a
+    server that raced us for the port is never taken for ours)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is HEXIP:HEXPORT, state 0A is LISTEN
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+    return False
+
+
+class RedisServer(_Server):
+    """A private Redis without persistence (``--save '' --appendonly no``) on
+    127.0.0.1, no password. ``url`` is ``redis://127.0.0.1:port/0``."""
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str] | None = None,
+        *,
+        port: int | None = None,
+        start_timeout: float = 20.0,
+    ) -> None:
+        binary = _which("redis-server")
+        if binary is None:
+            raise ServerError("redis-server not found; install the redis-server package")
+        self.binary = binary
+        super().__init__(base_dir, durability="fast", port=port, start_timeout=start_timeout)
+
+    def _init_data(self) -> None:
+        pass  # nothing persists
+
+    def _launch(self, log: Any) -> subprocess.Popen[bytes]:
+        cmd = [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "",
+               "--appendonly", "no", "--dir", str(self.base_dir), "--daemonize", "no"]  # fmt: skip
+        return subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cwd=self.base_dir, start_new_session=True,
+        )  # fmt: skip
+
+    def _ping(self, proc: subprocess.Popen[bytes]) -> bool:
+        import redis
+
+        try:
+            with redis.Redis(host=self.host, port=self.port, socket_timeout=2) as client:
+                return int(client.info("server")["process_id"]) == proc.pid
+        except (redis.RedisError, OSError):
+            return False
+
+    def _shutdown(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc)
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:port/0``."""
+        if not self.port:
+            raise ServerError("server not started yet: no port")
+        return f"redis://{self.host}:{self.port}/0"
+
+    def client(self, db: int = 0, **kwargs: Any) -> Any:
+        """A new ``redis.Redis`` client (bytes replies unless ``decode_responses``)."""
+        import redis
+
+        if not self.port:
+            raise ServerError("server not started yet: no port")
+        return redis.Redis(host=self.host, port=self.port, db=db, **kwargs)
+
+
+class NatsServer(_Server):
+    """A private NATS server with JetStream (store in ``base_dir/jetstream``) on
+    127.0.0.1, no auth. ``url`` is ``nats://127.0.0.1:port``."""
+
+    kind = "nats"
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str] | None = None,
+        *,
+        port: int | None = None,
+        start_timeout: float = 20.0,
+    ) -> None:
+        binary = _which("nats-server")
+        if binary is None:
+            raise ServerError("nats-server not found; install the nats-server package")
+        self.binary = binary
+        super().__init__(base_dir, durability="fast", port=port, start_timeout=start_timeout)
+        self.store_dir = self.base_dir / "jetstream"
+
+    def _init_data(self) -> None:
+        self.store_dir.mkdir(exist_ok=True)
+
+    def _launch(self, log: Any) -> subprocess.Popen[bytes]:
+        cmd = [
+            self.binary,
+            "-a",
+            self.host,
+            "-p",
+            str(self.port),
+            "-js",
+            "-sd",
+            str(self.store_dir),
+        ]
+        return subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cwd=self.base_dir, start_new_session=True,
+        )  # fmt: skip
+
+    def _start_once(self, deadline: float) -> None:
+        try:
+            super()._start_once(deadline)
+        except ServerStartError as exc:
+            # nats-server says "address already in use" (lower case): retry on another port
+            if not isinstance(exc, _AddressInUse) and "address already in use" in str(exc):
+                raise _AddressInUse(str(exc)) from None
+            raise
+
+    def _ping(self, proc: subprocess.Popen[bytes]) -> bool:
+        import json
+
+        try:
+            with socket.create_connection((self.host, self.port), timeout=2) as sock:
+                line = sock.makefile("rb").readline()  # the server greets with INFO {...}
+        except OSError:
+            return False
+        if not line.startswith(b"INFO "):
+            return False
+        info = json.loads(line[5:])
+        return bool(info.get("jetstream")) and _owns_listener(proc.pid, self.port)
+
+    def _shutdown(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc)
+
+    @property
+    def url(self) -> str:
+        """``nats://127.0.0.1:port``."""
+        if not self.port:
+            raise ServerError("server not started yet: no port")
+        return f"nats://{self.host}:{self.port}"

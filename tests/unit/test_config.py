@@ -547,7 +547,8 @@ def test_dag_mistakes(tmp_path: Path) -> None:
         "5: transformations.t1.inputs: inputs form a cycle: t1 -> t2 -> t1",
         "7: transformations.t3.inputs: a transformation needs inputs: "
         "a list of source or transformation names",
-        "8: transformations.t4.type: unknown transformation type 'nope'; known types: pass",
+        "8: transformations.t4.type: unknown transformation type 'nope'; known types: "
+        "filter, lookup, mapping, mask, pass, rename, route",
         "10: destinations.d1.inputs[1]: 'd2' is a destination; destinations have no output",
         "11: destinations.d2.inputs: a destination needs inputs: "
         "a list of source or transformation names",
@@ -592,19 +593,41 @@ def test_unknown_input_is_not_also_reported_as_unused(tmp_path: Path) -> None:
     assert (issue.line, issue.message) == (4, "unknown input 'shpo' (did you mean 'shop'?)")
 
 
-def test_no_transformation_types_yet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(TRANSFORM_TYPES, "pass")
+def test_transformation_config_errors_name_their_keys(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         "wf.yaml",
         """
         sources: {s: {type: fake, config: {dsn: x}}}
-        transformations: {f: {type: filter, inputs: [s]}}
-        destinations: {d: {type: memory, inputs: [f]}}
+        transformations:
+          f: {type: filter, inputs: [s], config: {tables: [a.b]}}
+          m:
+            type: mask
+            inputs: [f]
+            config:
+              rules: [{field: email, method: hash}]
+          r:
+            type: route
+            inputs: [m]
+            config:
+              routes: [{tables: [a.b], to: [d1, d9]}]
+        destinations:
+          d1: {type: memory, inputs: [r]}
+          d2: {type: memory, inputs: [r]}
         """,
     )
-    (issue,) = issues_of(path)
-    assert issue.key == "transformations.f.type" and "no transformation types" in issue.message
+    assert [(i.key, i.message) for i in issues_of(path)] == [
+        ("transformations.f.config.condition", "required key is missing"),
+        (
+            "transformations.m.config.rules[0].method",
+            "the hash method needs a secret key: set `salt` or `salt_file`",
+        ),
+        ("transformations.r.config.routes[0].to[1]", "'d9' does not list 'r' in its `inputs`"),
+        (
+            "transformations.r.config.routes",
+            "'d2' takes this route as input but no route or `default` sends to it",
+        ),
+    ]
 
 
 # -- file-level problems

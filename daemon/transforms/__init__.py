@@ -1,0 +1,1 @@
+"""Transformations that run in the apply process between the ring and the destinations."""

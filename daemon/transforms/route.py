@@ -1,0 +1,102 @@
+"""The `route` transformation: each change to the consumers of the first route it matches.
+
+Routing keeps mirrors right, like a filter: a delete or truncate of a table goes
+to every consumer a route of that table could send its rows to (a delete carries
+only the key, so it cannot be matched, and deleting a row a mirror never had is a
+no-op); an update sent to one consumer reaches the other possible consumers as a
+delete, so a row that moves from one route to another leaves the first mirror.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dataflare.cdc.model import Change, Op, TableId, TableSchema
+from dataflare.daemon.transforms.base import TransformContext
+from dataflare.daemon.transforms.configs import RouteConfig
+from dataflare.daemon.transforms.expr import Expression, parse
+
+_UNCONDITIONAL = (Op.DELETE, Op.TRUNCATE)
+
+
+def as_delete(c: Change, schema: TableSchema) -> Change:
+    """The delete that removes the row an update ``c`` left behind in a mirror."""
+    key = c.key
+    if key is None:
+        row = c.before if c.before is not None else c.after
+        if row is not None and schema.key:
+            key = tuple(row[i] for i in schema.key_indexes())
+    return Change(
+        Op.DELETE, c.table, c.position, key, c.before, None, frozenset(), c.xid, c.commit_ts_us
+    )
+
+
+def table_set(names: list[str] | None) -> frozenset[TableId] | None:
+    if names is None:
+        return None
+    from dataflare.cdc.postgres.source import parse_table_name
+
+    return frozenset(parse_table_name(n) for n in names)
+
+
+class RouteTransform:
+    def __init__(self, name: str, config: RouteConfig, ctx: TransformContext) -> None:
+        self.name = name
+        self.routes: list[tuple[frozenset[TableId] | None, Expression | None, tuple[str, ...]]] = [
+            (table_set(r.tables), parse(r.condition) if r.condition else None, tuple(r.to))
+            for r in config.routes
+        ]
+        self.default = tuple(config.default)
+        self.sent: dict[str, int] = {}
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def status(self) -> dict[str, Any]:
+        return {"routed": dict(self.sent)}
+
+    def split(self, schema: TableSchema) -> Callable[[list[Change]], dict[str, list[Change]]]:
+        columns = schema.column_names
+        routes = [
+            (None if expr is None else expr.predicate(columns), to)
+            for tables, expr, to in self.routes
+            if tables is None or schema.table in tables
+        ]
+        every: list[str] = []
+        for _, to in routes:
+            every.extend(t for t in to if t not in every)
+        every.extend(t for t in self.default if t not in every)
+        default = self.default
+        sent = self.sent
+
+        def split(run: list[Change]) -> dict[str, list[Change]]:
+            out: dict[str, list[Change]] = {t: [] for t in every}
+            rows = [c.after for c in run]
+            masks = [None if p is None else p(rows) for p, _ in routes]
+            for i, c in enumerate(run):
+                if c.op in _UNCONDITIONAL:
+                    for t in every:
+                        out[t].append(c)
+                    continue
+                chosen = default
+                for (_, to), mask in zip(routes, masks, strict=True):
+                    if mask is None or mask[i]:
+                        chosen = to
+                        break
+                for t in chosen:
+                    out[t].append(c)
+                if c.op is Op.UPDATE:
+                    gone = [t for t in every if t not in chosen]
+                    if gone:
+                        d = as_delete(c, schema)
+                        for t in gone:
+                            out[t].append(d)
+            for t, part in out.items():
+                sent[t] = sent.get(t, 0) + len(part)
+            return out
+
+        return split
