@@ -23,7 +23,7 @@ import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import groupby
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from dataflare.cdc.errors import FatalError, RetryableError
 from dataflare.cdc.model import Change, TableId, TableSchema
@@ -35,6 +35,19 @@ from loguru import logger
 _TABLE = operator.itemgetter(1)
 
 Schemas = dict[TableId, TableSchema]
+_R = TypeVar("_R")
+
+
+def _concat(parts: list[list[Change]]) -> list[Change]:
+    return [c for part in parts for c in part]
+
+
+def _merge_routes(parts: list[dict[str, list[Change]]]) -> dict[str, list[Change]]:
+    out: dict[str, list[Change]] = {}
+    for part in parts:
+        for consumer, changes in part.items():
+            out.setdefault(consumer, []).extend(changes)
+    return out
 
 
 @runtime_checkable
@@ -250,7 +263,7 @@ class Pipeline:
             for node in chain:
                 self.counters[node].records_in += len(run)
                 plan = self._plan(node, schema)
-                run = self._guarded(node, source, plan.apply, run, schema)
+                run = self._guarded(node, source, plan.apply, run, schema, _concat)
                 self.counters[node].records_out += len(run)
                 schema = plan.schema
                 if not run:
@@ -281,7 +294,7 @@ class Pipeline:
             split = cache.get(schema)
             if split is None:
                 split = cache[schema] = router.split(schema)
-            parts = self._guarded_split(node, source, split, run, schema)
+            parts = self._guarded(node, source, split, run, schema, _merge_routes)
             for consumer, part in parts.items():
                 per.setdefault(consumer, []).extend(part)
                 counters.records_out += len(part)
@@ -306,10 +319,13 @@ class Pipeline:
         self,
         node: str,
         source: str,
-        fn: Callable[[list[Change]], list[Change]],
+        fn: Callable[[list[Change]], _R],
         run: list[Change],
         schema: TableSchema,
-    ) -> list[Change]:
+        merge: Callable[[list[_R]], _R],
+    ) -> _R:
+        """``fn(run)``; when it raises, one change at a time to find the poison
+        change (the others go on), whose fate is the node's ``on_error``."""
         try:
             return fn(run)
         except RetryableError as e:
@@ -317,43 +333,16 @@ class Pipeline:
         except Exception as e:
             if len(run) == 1 or self.policies.get(node, "fail") == "fail":
                 self._fail_or_reject(node, source, run[0] if len(run) == 1 else None, schema, e)
-                return []
-        out: list[Change] = []
-        for c in run:  # find the poison change; the others go on
-            try:
-                out.extend(fn([c]))
-            except RetryableError as e:
-                raise NodeUnavailable(node, e) from e
-            except Exception as e:
-                self._fail_or_reject(node, source, c, schema, e)
-        return out
-
-    def _guarded_split(
-        self,
-        node: str,
-        source: str,
-        fn: Callable[[list[Change]], dict[str, list[Change]]],
-        run: list[Change],
-        schema: TableSchema,
-    ) -> dict[str, list[Change]]:
-        try:
-            return fn(run)
-        except RetryableError as e:
-            raise NodeUnavailable(node, e) from e
-        except Exception as e:
-            if len(run) == 1 or self.policies.get(node, "fail") == "fail":
-                self._fail_or_reject(node, source, run[0] if len(run) == 1 else None, schema, e)
-                return {}
-        out: dict[str, list[Change]] = {}
+                return merge([])
+        parts: list[_R] = []
         for c in run:
             try:
-                for consumer, part in fn([c]).items():
-                    out.setdefault(consumer, []).extend(part)
+                parts.append(fn([c]))
             except RetryableError as e:
                 raise NodeUnavailable(node, e) from e
             except Exception as e:
                 self._fail_or_reject(node, source, c, schema, e)
-        return out
+        return merge(parts)
 
     def _fail_or_reject(
         self, node: str, source: str, change: Change | None, schema: TableSchema, e: Exception

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -120,3 +121,41 @@ def count_lines(path: Path) -> int:
             return sum(1 for _ in f)
     except FileNotFoundError:
         return 0
+
+
+class GroupDaemon(Daemon):
+    """The daemon in its own session, so one killpg() hits every process of it."""
+
+    def start(self) -> None:
+        logf = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dataflare.daemon.cli", "--config", str(self.config), "run"],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+            )
+        finally:
+            logf.close()
+        wait_for(
+            lambda: os.path.exists(self.socket) and self.try_status() is not None,
+            20,
+            f"daemon did not come up; log:\n{self.log_tail()}",
+        )
+
+    def kill_group(self) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        for name in os.listdir("/dev/shm"):  # the rings a SIGKILLed daemon leaves
+            if name.startswith(f"dataflare.{self.proc.pid}."):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"/dev/shm/{name}")
+
+    def stop(self) -> None:
+        super().stop()
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)

@@ -4,10 +4,6 @@ the daemon's whole process group SIGKILLed mid-stream and restarted."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +17,7 @@ from dataflare.sinks.envelope import text_value
 from dataflare.sinks.nats import subject_wildcard
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from tests.e2e.daemon_harness import REPO, Daemon, wait_for, write_config
+from tests.e2e.daemon_harness import GroupDaemon, wait_for, write_config
 from tests.servers import NatsServer, RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -37,34 +33,6 @@ GEN = {
     "seed": 11,
 }
 WF = "msg"
-
-
-class GroupDaemon(Daemon):
-    """The harness's daemon in a process group of its own, so a test can SIGKILL
-    the supervisor and its workers at the same instant."""
-
-    def start(self) -> None:
-        logf = open(self.log, "ab")  # noqa: SIM115 - handed to the child
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dataflare.daemon.cli", "--config", str(self.config), "run"],
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                start_new_session=True,
-            )
-        finally:
-            logf.close()
-        wait_for(
-            lambda: os.path.exists(self.socket) and self.try_status() is not None,
-            20,
-            f"daemon did not come up; log:\n{self.log_tail()}",
-        )
-
-    def kill_group(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
 
 
 @pytest.fixture

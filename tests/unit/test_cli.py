@@ -191,7 +191,7 @@ def test_status_json_is_the_daemons_object(
     snap = snapshot(0)
 
     class FakeClient:
-        def __init__(self, path: str) -> None:
+        def __init__(self, path: str, timeout: float = 10.0) -> None:
             pass
 
         def __enter__(self) -> FakeClient:
