@@ -286,3 +286,78 @@ def test_dead_letter_round_trip_transformation(tmp_path: Path, two_dbs: tuple[st
         assert dlq(cfg, "list", "tdl")["count"] == 0
     finally:
         d.stop()
+
+
+def test_lookup_and_rename_through_the_daemon(
+    tmp_path: Path, two_dbs: tuple[str, str], redis_server: Any
+) -> None:
+    """Orders enriched with the customer's name from Redis, written under a
+    prefixed table name in another schema."""
+    import redis
+
+    src, dst = two_dbs
+    r = redis.Redis.from_url(redis_server.url)
+    r.hset("tx-customer:1", mapping={"name": "Ada", "tier": "gold"})
+    r.hset("tx-customer:2", mapping={"name": "Bob"})
+    with psycopg.connect(src, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id int PRIMARY KEY, customer_id int, total int)")
+        conn.execute("INSERT INTO orders VALUES (1, 1, 10), (2, 2, 20)")
+    wf = {
+        "sources": {"shop": {"type": "postgres", "config": {"dsn": src, "tables": ["orders"]}}},
+        "transformations": {
+            "enrich": {
+                "type": "lookup",
+                "inputs": ["shop"],
+                "config": {
+                    "source": {"type": "redis", "url": redis_server.url, "key": "tx-customer:{}"},
+                    "mapping": {
+                        "key": "customer_id",
+                        "fields": {"name": "customer", "tier": "tier"},
+                    },
+                },
+            },
+            "named": {
+                "type": "rename",
+                "inputs": ["enrich"],
+                "config": {"schema": "reporting", "prefix": "shop_"},
+            },
+        },
+        "destinations": {
+            "rep": {"type": "postgres", "inputs": ["named"], "config": {"dsn": dst}},
+        },
+    }
+    cfg = write_config(tmp_path, {"enrich": wf})
+    d = Daemon(cfg)
+    d.start()
+    query = "SELECT id, customer_id, total, customer, tier FROM reporting.shop_orders ORDER BY id"
+    try:
+        wait_for(
+            lambda: rows(dst, query) == [(1, 1, 10, "Ada", "gold"), (2, 2, 20, "Bob", None)],
+            60,
+            "snapshot rows enriched",
+        )
+        with psycopg.connect(src, autocommit=True) as conn:
+            conn.execute("INSERT INTO orders VALUES (3, 1, 30), (4, 9, 40)")
+            conn.execute("UPDATE orders SET customer_id = 1 WHERE id = 2")
+        wait_for(
+            lambda: (
+                rows(dst, query)
+                == [
+                    (1, 1, 10, "Ada", "gold"),
+                    (2, 1, 20, "Ada", "gold"),
+                    (3, 1, 30, "Ada", "gold"),
+                    (4, 9, 40, None, None),  # no such customer: on_missing null
+                ]
+            ),
+            60,
+            "streamed rows enriched",
+        )
+        # Customer 1 was fetched once by the snapshot: later rows hit the cache.
+        wait_for(
+            lambda: d.workflow("enrich")["transformations"]["enrich"].get("cache_hits", 0) > 0,
+            10,
+            "cache hits in status",
+        )
+        assert d.workflow("enrich")["transformations"]["enrich"]["records_in"] >= 5
+    finally:
+        d.stop()
