@@ -102,6 +102,9 @@ class Batch:
     first: Position
     last: Position
     complete: bool = True
+    # A dead letter sent again (``dataflare dlq replay``): old changes that a sink
+    # must apply even though its checkpoint is past them, and give ids of their own.
+    replay: bool = False
 
     def __len__(self) -> int:
         return len(self.changes)

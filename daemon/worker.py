@@ -640,10 +640,11 @@ class Applier:
             changes, schemas = outputs[dest]
             if not changes:
                 continue
-            done = self.checkpoints.get(dest, {}).get(letter.source)
-            at = done if done is not None else letter.change.position
+            at = self.checkpoints.get(dest, {}).get(letter.source)
+            if at is None:  # nothing committed yet (a snapshot in progress): later
+                raise FatalError(f"destination {dest} has no checkpoint yet; replay later")
             # Checkpoint unchanged: the replayed change is old, the destination is not.
-            part = Batch(changes, list(schemas.values()), at, at, True)
+            part = Batch(changes, list(schemas.values()), at, at, True, replay=True)
             self._write(dest, letter.source, part)
             self.records_out += len(changes)
 

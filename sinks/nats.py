@@ -280,7 +280,8 @@ class NatsSink:
             if subject is None:
                 subject = self._subjects[tkey] = subject_for(self.cfg.subject, schema)
             headers = {
-                "Nats-Msg-Id": change_id(self.ctx.workflow, source, change, ordinal),
+                "Nats-Msg-Id": change_id(self.ctx.workflow, source, change, ordinal)
+                + (":replay" if batch.replay else ""),
                 "Dataflare-Op": change.op.value,
                 "Dataflare-Key": key_of(change, schema),
             }

@@ -245,7 +245,7 @@ class RedisSink:
     def write(self, source: str, batch: Batch) -> Sequence[Rejected] | None:
         st = self._sources.setdefault(source, _SourceState())
         done = st.checkpoint
-        if done is not None and batch.first <= done:
+        if done is not None and batch.first <= done and not batch.replay:
             # already applied (the apply process filters too; a direct replay must not
             # add stream entries twice)
             if batch.complete and batch.last <= done:

@@ -203,7 +203,26 @@ def endpoint_rows(w: dict[str, Any]) -> list[list[Any]]:
                 f"snapshot {snap}" if snap else ring,
             ]
         )
+    for name, t in (w.get("transformations") or {}).items():
+        refused = int(t.get("rejected", 0))
+        rows.append(
+            [
+                "transform",
+                name,
+                "",
+                "",
+                "",
+                "",
+                f"{count(t.get('records_in'))} in, {count(t.get('records_out'))} out"
+                + (f", {count(refused)} refused" if refused else ""),
+            ]
+        )
     for d in w.get("destinations", []):
+        notes = ""
+        if d.get("circuit") not in (None, "closed"):
+            notes += f", circuit {d['circuit']}"
+        if int(d.get("rejected", 0)):
+            notes += f", {count(d.get('rejected'))} refused"
         rows.append(
             [
                 "dest",
@@ -212,7 +231,7 @@ def endpoint_rows(w: dict[str, Any]) -> list[list[Any]]:
                 str(d.get("position") or "-"),
                 f"{rate(d.get('rate_out'))}/s",
                 "",
-                f"{count(d.get('records_written'))} written",
+                f"{count(d.get('records_written'))} written{notes}",
             ]
         )
     return rows

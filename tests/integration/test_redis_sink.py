@@ -155,6 +155,18 @@ def test_replaying_a_batch_has_no_further_effect(make_sink: SinkFactory, client:
             assert client.xlen("dataflare.shop.items") == 4
 
 
+def test_a_dead_letter_replay_is_applied_behind_the_checkpoint(
+    make_sink: SinkFactory, client: Any
+) -> None:
+    sink = make_sink()
+    sink.write("src", batch(ins(5, (1, "eu", None, 1))))
+    # A change of position 3 comes back from the dead letters: the checkpoint stays at 5.
+    old = ins(3, (2, "us", None, 2))
+    sink.write("src", Batch([old], [SCHEMA], pos(5), pos(5), True, replay=True))
+    assert client.hgetall("items:2") == {"id": "2", "region": "us", "qty": "2"}
+    assert sink.checkpoint("src") == pos(5)
+
+
 def test_key_template_with_a_column(make_sink: SinkFactory, client: Any) -> None:
     sink = make_sink(key="{region}/{table}/{key}")
     sink.write("src", batch(ins(1, (1, "eu", None, 1)), ins(1, (2, "us", None, 2))))
