@@ -24,6 +24,11 @@ class FatalError(DataflareError):
     """Retrying cannot help (slot dropped, binlog purged, bad data or config)."""
 
 
+class RecordRefused(FatalError):
+    """A destination refuses what a change holds (a value the target column or a
+    constraint rejects): only the change's fault, so on_error may set it aside."""
+
+
 class ConfigError(FatalError):
     """The configuration is invalid."""
 

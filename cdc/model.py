@@ -102,9 +102,11 @@ class Batch:
     first: Position
     last: Position
     complete: bool = True
-    # A dead letter sent again (``dataflare dlq replay``): old changes that a sink
-    # must apply even though its checkpoint is past them, and give ids of their own.
-    replay: bool = False
+    # A dead letter sent again (``dataflare dlq replay``): a token unique to it. Its
+    # old changes are applied although the checkpoint is past them, under ids of
+    # their own (``<change id>:replay:<token>``), without touching per-transaction
+    # ordinals.
+    replay: str = ""
 
     def __len__(self) -> int:
         return len(self.changes)

@@ -565,12 +565,54 @@ def _check_dag(r: _Reader, drafts: list[_Draft], complete: bool) -> None:
         for d in drafts:
             if d.spec is not None and d.spec.type == "route" and by_name[d.name] is d:
                 _check_route_targets(r, d, consumers.get(d.name, []))
-    for cycle in _cycles(drafts, by_name):
+    cycles = _cycles(drafts, by_name)
+    if wired and not cycles:
+        _check_diamonds(r, drafts, by_name)
+    for cycle in cycles:
         start = min(cycle, key=lambda n: by_name[n].line)
         i = cycle.index(start)
         ordered = cycle[i:] + cycle[:i]
         text = " -> ".join([*ordered, start])
         r.issue(("transformations", start, "inputs"), f"inputs form a cycle: {text}")
+
+
+def _check_diamonds(r: _Reader, drafts: list[_Draft], by_name: dict[str, _Draft]) -> None:
+    """A node must not get one source's changes along two paths: the copies would
+    arrive one after the other, and a delete that one branch derives (a row leaving
+    a filter or route) could undo the row the other branch wrote."""
+    sources_of: dict[str, set[str]] = {}
+
+    def reach(name: str, stack: tuple[str, ...] = ()) -> set[str]:
+        found = sources_of.get(name)
+        if found is not None:
+            return found
+        d = by_name[name]
+        if d.section == "sources":
+            found = {name}
+        else:
+            found = set()
+            for i, _ in d.inputs:
+                if i in by_name and i not in stack:
+                    found |= reach(i, (*stack, name))
+        sources_of[name] = found
+        return found
+
+    for d in drafts:
+        if len(d.inputs) < 2 or by_name.get(d.name) is not d:
+            continue
+        seen: dict[str, str] = {}
+        for i, path in d.inputs:
+            if i not in by_name:
+                continue
+            for s in sorted(reach(i)):
+                if s in seen and seen[s] != i:
+                    r.issue(
+                        path,
+                        f"{d.name!r} would receive the changes of source {s!r} twice "
+                        f"(through {seen[s]!r} and {i!r}); give each path its own destination",
+                    )
+                    break
+                seen.setdefault(s, i)
 
 
 def _check_route_targets(r: _Reader, d: _Draft, takers: list[str]) -> None:

@@ -168,14 +168,18 @@ class DeadLetterStore:
             txn.put_meta(self._fp_key(str(raw.get("fp", ""))), None)
         return True
 
-    def update_failed(self, letter: DeadLetter, error: str) -> None:
-        """A replay failed again: keep the letter (same id) with the new error."""
+    def update_failed(
+        self, letter: DeadLetter, error: str, destinations: Sequence[str] | None = None
+    ) -> None:
+        """A replay failed again: keep the letter with the new error, and only the
+        destinations that still miss it. (The store gives every put a new id, so
+        the letter gets one too.)"""
         raw = self._get_raw(letter.id)
         if raw is None:
             return
         raw = {**raw, "error": error[:2000], "attempts": letter.attempts + 1}
-        # put_dead_letter would give a new id; rewrite in place through delete + put
-        # of the same key is not offered, so replace the record under a new id.
+        if destinations is not None:
+            raw["destinations"] = list(destinations)
         with self.state.transaction() as txn:
             txn.delete_dead_letter(self.workflow, letter.id)
             new_id = txn.put_dead_letter(self.workflow, raw)

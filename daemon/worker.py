@@ -47,6 +47,7 @@ from dataflare.cdc.errors import (
     DataflareError,
     FatalError,
     PeerDied,
+    RecordRefused,
     RetryableError,
     RingClosed,
 )
@@ -68,6 +69,10 @@ from dataflare.sinks.registry import SINK_TYPES
 from loguru import logger
 
 STATUS_INTERVAL_S = 1.0
+# Refusal isolation: changes of one open source transaction kept in memory per
+# destination, and refused changes of one batch before giving up.
+MAX_KEPT_CHANGES = 200_000
+MAX_REFUSED_PER_BATCH = 100
 _PR_SET_PDEATHSIG = 1
 
 
@@ -307,6 +312,8 @@ class Applier:
         # destination that refuses records (on_error skip/dead_letter): kept so a
         # refusal inside a large transaction or the snapshot can still be isolated.
         self._txn_parts: dict[str, tuple[list[Change], list[TableSchema]]] = {}
+        self._txn_overflow: set[str] = set()
+        self._replaying = False  # destinations whose open transaction outgrew it
         self.records_out = 0
         self.batches = 0
         self.last_errors: dict[str, str] = {}
@@ -396,11 +403,18 @@ class Applier:
         breaker = self.breakers[dest]
         self._writing = part.schema_map()  # layouts of what a destination may refuse
         attempt = 0
+        closed = False  # the last reopen failed: open before writing
         while True:
             wait = breaker.wait_s()
             if wait > 0:
                 self._sleep(wait)
             try:
+                if closed:
+                    sink.open()
+                    closed = False
+                    if self._already_applied(dest, source, part):
+                        breaker.success()
+                        return
                 sink.write(source, part)
                 breaker.success()
                 self._open_txn[dest] = None if part.complete else source
@@ -424,13 +438,18 @@ class Applier:
                     delay,
                 )
                 self._sleep(delay)
-                self._reopen(dest)
-            except FatalError as e:
+                if not self._reopen(dest):
+                    closed = True
+                elif self._already_applied(dest, source, part):
+                    breaker.success()  # the commit went through before the connection broke
+                    return
+            except RecordRefused as e:
                 earlier, layouts = self._txn_parts.get(dest, ([], []))
                 merged = {s.table: s for s in (*layouts, *part.schemas)}
                 if (
                     not self._isolating(dest)
                     or not part.changes
+                    or dest in self._txn_overflow
                     or len(merged) != len({(s.table, s) for s in (*layouts, *part.schemas)})
                 ):
                     raise
@@ -440,6 +459,18 @@ class Applier:
                 self._isolate(dest, source, part, earlier, list(merged.values()), str(e))
                 return
 
+    def _already_applied(self, dest: str, source: str, part: Batch) -> bool:
+        """After a reopen: did the failed attempt commit after all (the connection
+        broke after COMMIT reached the server)? Then writing again would duplicate."""
+        if not part.complete or part.replay:
+            return False
+        now = self.sinks[dest].checkpoint(source)
+        if now is not None and now >= part.last:
+            self._open_txn[dest] = None
+            self._txn_parts.pop(dest, None)
+            return True
+        return False
+
     def _isolating(self, dest: str) -> bool:
         return self.handling[dest].on_error != "fail" and bool(
             getattr(self.sinks[dest], "transactional", False)
@@ -448,10 +479,20 @@ class Applier:
     def _keep_part(self, dest: str, part: Batch) -> None:
         if part.complete:
             self._txn_parts.pop(dest, None)
-        elif self._isolating(dest):
+            self._txn_overflow.discard(dest)
+        elif self._isolating(dest) and dest not in self._txn_overflow:
             changes, layouts = self._txn_parts.setdefault(dest, ([], []))
             changes.extend(part.changes)
             layouts.extend(s for s in part.schemas if s not in layouts)
+            if len(changes) > MAX_KEPT_CHANGES:  # memory: give up isolating this one
+                self._txn_parts.pop(dest, None)
+                self._txn_overflow.add(dest)
+                self.log.warning(
+                    "destination {}: a source transaction of more than {} changes: a change "
+                    "refused inside it will stop the workflow instead of being set aside",
+                    dest,
+                    MAX_KEPT_CHANGES,
+                )
 
     def _isolate(
         self,
@@ -472,20 +513,39 @@ class Applier:
         good: list[Change] = []
         rest = [*earlier, *part.changes]
         error = first_error
+        refused = 0
+
+        def probe(changes: list[Change]) -> str | None:
+            """The refusal writing ``changes`` meets, None if none; always abandoned."""
+            try:
+                sink.write(source, Batch(changes, layouts, part.first, part.last, False))
+                return None
+            except RecordRefused as e:
+                return str(e)
+            finally:
+                if not self._reopen(dest):
+                    raise RetryableError(f"destination {dest}: reopening failed while probing")
+
         while True:
+            if probe(good + rest) is None:
+                # Every change goes in; the refusal comes at commit (a deferred
+                # constraint): no change can be blamed.
+                raise RecordRefused(f"{error} (refused at commit: no single change to blame)")
             lo, hi = 1, len(rest)
-            while lo < hi:  # smallest prefix of `rest` that fails after `good`
+            while lo < hi:  # the smallest prefix of `rest` that is refused after `good`
                 mid = (lo + hi) // 2
-                try:
-                    sink.write(
-                        source, Batch(good + rest[:mid], layouts, part.first, part.last, False)
-                    )
+                found = probe(good + rest[:mid])
+                if found is None:
                     lo = mid + 1
-                except FatalError as e:
-                    hi, error = mid, str(e)
-                self._reopen(dest)  # abandon the probe's open transaction
-            poison = rest[lo - 1]
-            self._sink_rejected(dest, source, [Rejected(poison, error)], schemas)
+                else:
+                    hi, error = mid, found
+            refused += 1
+            if refused > MAX_REFUSED_PER_BATCH:
+                raise RecordRefused(
+                    f"{error} (more than {MAX_REFUSED_PER_BATCH} changes of one batch refused: "
+                    "fix the destination rather than set them all aside)"
+                )
+            self._sink_rejected(dest, source, [Rejected(rest[lo - 1], error)], schemas)
             good.extend(rest[: lo - 1])
             rest = rest[lo:]
             self._flush_letters()
@@ -496,13 +556,16 @@ class Applier:
                 self._txn_parts.pop(dest, None)
                 self._keep_part(dest, final)
                 return
-            except FatalError as e:
+            except RecordRefused as e:
                 error = str(e)
-                self._reopen(dest)
-                if not rest:
-                    raise
+                if not self._reopen(dest):
+                    raise RetryableError(
+                        f"destination {dest}: reopening failed while isolating"
+                    ) from e
 
-    def _reopen(self, dest: str) -> None:
+    def _reopen(self, dest: str) -> bool:
+        """Close and open a destination (dropping what a failed write left); False
+        when it could not be opened (it is then closed)."""
         sink = self.sinks[dest]
         try:
             sink.close()
@@ -510,8 +573,10 @@ class Applier:
             self.log.debug("closing destination {} for a retry: {}", dest, e)
         try:
             sink.open()
+            return True
         except RetryableError as e:
             self.log.warning("destination {}: reopening failed: {}", dest, e)
+            return False
 
     def _sleep(self, seconds: float) -> None:
         """Wait, but give up (retryably) when asked to stop: nothing is lost, the
@@ -519,9 +584,10 @@ class Applier:
         if self.stop is None:
             time.sleep(seconds)
             return
-        ready, _, _ = select.select([self.stop.fd], [], [], seconds)
-        if ready:
-            self.stop.drain()
+        if not self.stop.requested:
+            ready, _, _ = select.select([self.stop.fd], [], [], seconds)
+            if ready:
+                self.stop.drain()
         if self.stop.requested:
             raise RetryableError("stopping while waiting to retry")
 
@@ -561,6 +627,8 @@ class Applier:
         rejected: Sequence[Rejected],
         schemas: dict[TableId, TableSchema] | None = None,
     ) -> None:
+        if self._replaying:  # refused again: the replay fails and the letter stays
+            raise RecordRefused(rejected[0].error if rejected else "refused")
         policy = self.handling[dest].on_error
         for r in rejected:
             self.counts[dest]["rejected"] += 1
@@ -600,20 +668,23 @@ class Applier:
         )
         replayed = failed = 0
         for letter in letters:
+            pending = list(letter.destinations)
             try:
-                self._replay(letter)
-            except (DataflareError, Exception) as e:  # the letter stays, with its new error
+                self._replay(letter, pending)
+            except Exception as e:  # the letter stays, with its new error
                 if isinstance(e, RetryableError) and self.stop is not None and self.stop.requested:
                     raise
                 failed += 1
-                self.dlq.update_failed(letter, str(e))
+                self.dlq.update_failed(letter, str(e), pending)
                 continue
             self.dlq.delete(letter.id)
             replayed += 1
         self.log.info("dead letters replayed: {} ok, {} still failing", replayed, failed)
         self.dlq.put_replay_result({"replayed": replayed, "failed": failed})
 
-    def _replay(self, letter: DeadLetter) -> None:
+    def _replay(self, letter: DeadLetter, pending: list[str]) -> None:
+        """Send a letter through its node and on; ``pending`` loses each destination
+        that took it (a later retry must not write it there twice)."""
         if letter.stage == "destination":
             outputs = {letter.node: ([letter.change], {letter.schema.table: letter.schema})}
         else:
@@ -634,19 +705,23 @@ class Applier:
                     self.pipeline.policies[letter.node] = saved_policy
             if failures:
                 raise FatalError(failures[0].error)
-        for dest in letter.destinations:
-            if dest not in self.sinks or dest not in outputs:
-                continue
-            changes, schemas = outputs[dest]
-            if not changes:
-                continue
-            at = self.checkpoints.get(dest, {}).get(letter.source)
-            if at is None:  # nothing committed yet (a snapshot in progress): later
-                raise FatalError(f"destination {dest} has no checkpoint yet; replay later")
-            # Checkpoint unchanged: the replayed change is old, the destination is not.
-            part = Batch(changes, list(schemas.values()), at, at, True, replay=True)
-            self._write(dest, letter.source, part)
-            self.records_out += len(changes)
+        for dest in list(pending):
+            if dest not in self.sinks:
+                raise FatalError(f"destination {dest} is no longer in the workflow")
+            changes, schemas = outputs.get(dest, ([], {}))
+            if changes:  # (none: the node now routes or filters it elsewhere)
+                at = self.checkpoints.get(dest, {}).get(letter.source)
+                if at is None:  # nothing committed yet (a snapshot in progress): later
+                    raise FatalError(f"destination {dest} has no checkpoint yet; replay later")
+                # Checkpoint unchanged: the replayed change is old, the destination is not.
+                part = Batch(changes, list(schemas.values()), at, at, True, str(letter.id))
+                self._replaying = True
+                try:
+                    self._write(dest, letter.source, part)
+                finally:
+                    self._replaying = False
+                self.records_out += len(changes)
+            pending.remove(dest)
 
     # ------------------------------------------------------------------- status
 

@@ -172,8 +172,9 @@ class HttpSink:
         ids, cursor = change_ids(
             self.ctx.workflow, source, batch, self._cursors.get(source, TxnCursor())
         )
-        if batch.replay:  # a dead letter sent again: not the id its first attempt had
-            ids = [f"{i}:replay" for i in ids]
+        if batch.replay:  # a dead letter sent again: ids of its own, live ordinals untouched
+            ids = [f"{i}:replay:{batch.replay}" for i in ids]
+            cursor = self._cursors.get(source, TxnCursor())
         schemas = batch.schema_map()
         rejected: list[Rejected] = []
         size = self.cfg.batch_size

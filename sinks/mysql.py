@@ -39,7 +39,7 @@ from decimal import Decimal
 from typing import Any
 
 import pymysql
-from dataflare.cdc.errors import DataflareError, FatalError, RetryableError
+from dataflare.cdc.errors import DataflareError, FatalError, RecordRefused, RetryableError
 from dataflare.cdc.model import Batch, Change, Column, Op, Position, Row, TableId, TableSchema
 from dataflare.sinks.base import SinkContext
 from dataflare.sinks.configs import MysqlSinkConfig
@@ -57,6 +57,9 @@ from loguru import logger
 CHECKPOINT_TABLE = "_dataflare_checkpoints"
 ROWS_PER_STATEMENT = 1000
 LOCK_WAIT_S = 15
+# What a change holds is refused: NULL into NOT NULL, out of range, incorrect or too
+# long a value, a CHECK or foreign-key constraint.
+_REFUSED_CODES = {1048, 1264, 1292, 1366, 1406, 1451, 1452, 3819, 4025}
 _RETRYABLE_CODES = {
     1205,
     1213,
@@ -307,6 +310,8 @@ class MysqlSink(TransactionalSqlSink):
             return RetryableError(text)
         if isinstance(e, pymysql.err.OperationalError) and 2000 <= code < 3000:  # client errors
             return RetryableError(text)
+        if code in _REFUSED_CODES or isinstance(e, pymysql.err.DataError):
+            return RecordRefused(text)
         return FatalError(text)
 
     def _require(self) -> Any:

@@ -125,6 +125,11 @@ class NatsSink:
             if (e.code is not None and e.code >= 500) or e.err_code == 10077:  # 10077: busy
                 return RetryableError(f"nats destination {self.name}: JetStream: {e.description}")
             return FatalError(f"nats destination {self.name}: JetStream refused: {e.description}")
+        if isinstance(e, nats.errors.MaxPayloadError):
+            return FatalError(
+                f"nats destination {self.name}: a change is larger than the server's "
+                "max_payload; raise max_payload on the server"
+            )
         if isinstance(e, nats.errors.AuthorizationError):
             return FatalError(f"nats destination {self.name}: not authorized on {self.where}")
         if isinstance(e, nats.errors.Error | OSError | asyncio.TimeoutError):
@@ -272,7 +277,7 @@ class NatsSink:
         ts_ms: int | None = None
         for change in batch.changes:
             schema = schemas[change.table]
-            ordinal = ordinals.next(change)
+            ordinal = 0 if batch.replay else ordinals.next(change)
             env = envelope(change, schema, source, ts_ms)
             ts_ms = env["ts_ms"]
             tkey = (change.table.schema, change.table.name)
@@ -281,7 +286,7 @@ class NatsSink:
                 subject = self._subjects[tkey] = subject_for(self.cfg.subject, schema)
             headers = {
                 "Nats-Msg-Id": change_id(self.ctx.workflow, source, change, ordinal)
-                + (":replay" if batch.replay else ""),
+                + (f":replay:{batch.replay}" if batch.replay else ""),
                 "Dataflare-Op": change.op.value,
                 "Dataflare-Key": key_of(change, schema),
             }

@@ -37,7 +37,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-from dataflare.cdc.errors import DataflareError, FatalError, RetryableError
+from dataflare.cdc.errors import DataflareError, FatalError, RecordRefused, RetryableError
 from dataflare.cdc.model import (
     Batch,
     Change,
@@ -352,7 +352,7 @@ class PostgresSink(TransactionalSqlSink):
             # psycopg could not dump a value for its target column's type.
             where = f" table {self._current}:" if self._current else ""
             self._rollback()
-            raise FatalError(
+            raise RecordRefused(
                 f"postgres destination {self.name}:{where} a value does not fit its target "
                 f"column's type ({type(e).__name__}: {e}); align the target table with the source"
             ) from None
@@ -414,7 +414,9 @@ class PostgresSink(TransactionalSqlSink):
             )
         elif state.startswith("22"):
             hint = "; a value does not fit the target column type"
-        return FatalError(f"{text}{hint} (SQLSTATE {state or 'none'}, while {doing})")
+        refused = state.startswith(("22", "23"))
+        cls = RecordRefused if refused else FatalError
+        return cls(f"{text}{hint} (SQLSTATE {state or 'none'}, while {doing})")
 
     # ----------------------------------------------------------------- upsert mode
 

@@ -257,13 +257,25 @@ class RedisSink:
                 batch.last,
                 batch.complete,
             )
+        if batch.replay and (st.skip or st.buffer):
+            raise RetryableError(
+                f"redis destination {self.name}: a dead-letter replay waits for the source "
+                "transaction in flight"
+            )
         saved = st.ordinals.state()
+        counters = (st.since_checkpoint, st.last_id)
         rejected: list[Rejected] = []
         try:
             cmds, nbytes, count = self._commands(source, st, batch, rejected)
         except BaseException:
             st.ordinals.restore(saved)
+            st.since_checkpoint, st.last_id = counters
             raise
+        if batch.replay:  # per-transaction state belongs to the live stream only
+            st.ordinals.restore(saved)
+            st.since_checkpoint, st.last_id = counters
+        if rejected:
+            self.ctx.reject(source, rejected)  # durable (dead letters) before the checkpoint
         st.buffer.extend(cmds)
         st.buffered_bytes += nbytes
         st.buffered_changes += count
@@ -297,7 +309,7 @@ class RedisSink:
                 else:
                     if ts_ms is None:
                         ts_ms = _now_ms()
-                    cmds.append(self._xadd(source, change, schema, ordinal, ts_ms))
+                    cmds.append(self._xadd(source, change, schema, ordinal, ts_ms, batch.replay))
                 count += 1
             except _Unrenderable as e:
                 error = (
@@ -386,7 +398,13 @@ class RedisSink:
             return None
 
     def _xadd(
-        self, source: str, change: Change, schema: TableSchema, ordinal: int, ts_ms: int
+        self,
+        source: str,
+        change: Change,
+        schema: TableSchema,
+        ordinal: int,
+        ts_ms: int,
+        replay: str = "",
     ) -> Args:
         self._check_table(schema, self.stream_template)
         row = change.after if change.after is not None else change.before
@@ -396,6 +414,8 @@ class RedisSink:
         if self.cfg.stream_maxlen is not None:
             trim = ("MAXLEN", "~", self.cfg.stream_maxlen)
         cid = change_id(self.ctx.workflow, source, change, ordinal)
+        if replay:
+            cid += f":replay:{replay}"
         return ("XADD", stream, *trim, "*", "id", cid, "op", change.op.value,
                 "key", key_of(change, schema), "value", value)  # fmt: skip
 
@@ -414,6 +434,7 @@ class RedisSink:
                 "last_id": st.last_id,
             }
         cmds = st.buffer
+        before = self._call(lambda: client.get(self._checkpoint_key(source)))
 
         def run() -> list[Any]:
             pipe = client.pipeline(transaction=True)
@@ -430,6 +451,11 @@ class RedisSink:
             args, err = (
                 errors[0] if errors else (("SET", self._checkpoint_key(source)), results[-1])
             )
+            # Redis applied the other commands; put the checkpoint back so the batch is
+            # sent again after the fix (hash mode: idempotent; stream mode: its entries
+            # that went in appear twice, which beats losing the refused one).
+            key = self._checkpoint_key(source)
+            self._call(lambda: client.set(key, before) if before else client.delete(key))
             raise FatalError(
                 f"redis destination {self.name}: {args[0]} {args[1]} failed: {err} "
                 "(Redis applies the other commands of a transaction anyway; fix the key, "

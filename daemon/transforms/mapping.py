@@ -214,7 +214,21 @@ class _Planner:
                 extras.append(v)
         pick = _picker(picks)
         value_fns = self.value_fns
-        keyless = not self.schema.key
+        computed_key = [
+            (name, v)
+            for name, v, _ in out
+            if isinstance(v, _Value) and v.index is None and name in out_schema.key
+        ]
+        for name, v in computed_key:
+            if not v.deps <= set(self.schema.key):
+                raise FatalError(
+                    f"mapping {self.t.name}: key column {name} of {self.schema.table} is computed "
+                    "from columns outside the key; a delete carries only the key, so it could "
+                    "not be found: compute key columns from key columns only"
+                )
+        # The sink matches the old row whole (no key), or by a computed key: compute
+        # the expressions on old rows too.
+        keyless = not self.schema.key or bool(computed_key)
         kidx = out_schema.key_indexes()
         out_deps = [(name, _deps(v)) for name, v, _ in out]
         recompute_key = bool(not same_key and kidx)

@@ -162,9 +162,9 @@ def test_filter_mapping_mask_route_keep_mirrors_right(
         d.stop()
 
 
-def dlq(cfg: Path, *args: str) -> Any:
+def dlq(cfg: Path, *args: str, exit_code: int = 0) -> Any:
     r = cli("--config", str(cfg), "dlq", *args, "--json", timeout=60)
-    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.returncode == exit_code, r.stderr + r.stdout
     return json.loads(r.stdout)
 
 
@@ -215,6 +215,10 @@ def test_dead_letter_round_trip_destination(tmp_path: Path, two_dbs: tuple[str, 
         assert shown["change"]["after"] == {"id": 25, "qty": -1}
         assert d.workflow("dl")["dead_letters"] == 1
 
+        # Replayed before the fix: refused again, the letter stays.
+        res = dlq(cfg, "replay", "dl", exit_code=1)  # 1: some still failing
+        assert res["replayed"] == 0 and res["failed"] == 1
+        assert dlq(cfg, "list", "dl")["letters"][0]["attempts"] == 2
         with psycopg.connect(dst, autocommit=True) as conn:
             conn.execute("ALTER TABLE m.t DROP CONSTRAINT qty_positive")
         res = dlq(cfg, "replay", "dl")

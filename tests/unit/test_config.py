@@ -569,7 +569,7 @@ def test_unused_source_and_transformation(tmp_path: Path) -> None:
           t: {type: pass, inputs: [a]}
           u: {type: pass, inputs: [a]}
         destinations:
-          d: {type: memory, inputs: [t, a]}
+          d: {type: memory, inputs: [t]}
         """,
     )
     assert [(i.line, i.key, i.message.split(":")[0]) for i in issues_of(path)] == [
@@ -847,3 +847,28 @@ def test_located_yaml_lines() -> None:
     assert doc.data == {"a": {"b": [1, 2], "c": ["x"]}}
     assert doc.line(("a", "b", 1)) == 3 and doc.line(("a", "c", 0)) == 5
     assert doc.line(("a", "c", "missing")) == 4 and doc.line(()) == 1
+
+
+def test_one_source_twice_into_a_node_is_refused(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "wf.yaml",
+        """
+        sources:
+          s: {type: fake, config: {dsn: x}}
+          t: {type: fake, config: {dsn: y}}
+        transformations:
+          a: {type: pass, inputs: [s]}
+          b: {type: pass, inputs: [s]}
+        destinations:
+          both: {type: memory, inputs: [a, b]}
+          fine: {type: memory, inputs: [a, t]}
+        """,
+    )
+    assert [(i.key, i.message) for i in issues_of(path)] == [
+        (
+            "destinations.both.inputs[1]",
+            "'both' would receive the changes of source 's' twice (through 'a' and 'b'); "
+            "give each path its own destination",
+        )
+    ]

@@ -274,6 +274,15 @@ def test_mapping_keyless_delete_computes_the_old_row() -> None:
     assert d2.before == (*BOB, None)
 
 
+def test_mapping_computed_key_column_keeps_deletes_findable() -> None:
+    plan = mapping(FieldMapping(destination="id", expression="id * 10")).plan(SCHEMA)
+    key_only: Row = (2, None, None, None, None)
+    u, d = plan.apply([ch(Op.UPDATE, after=BOB), ch(Op.DELETE, before=key_only)])
+    assert u.key == (20,) and d.key == (20,) and d.before is not None and d.before[0] == 20
+    with pytest.raises(FatalError, match=r"key column id of public\.users is computed"):
+        mapping(FieldMapping(destination="id", expression="length(name)")).plan(SCHEMA)
+
+
 def test_casts() -> None:
     assert CASTS["integer"]("42") == 42 and CASTS["bigint"](Decimal("2.5")) == 3
     assert CASTS["boolean"]("yes") is True and CASTS["boolean"](0) is False
