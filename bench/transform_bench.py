@@ -80,8 +80,6 @@ def pipelines() -> dict[str, Pipeline]:
     src = (spec("src", ()),)
     cond = "status == 'active' and amount > 100"
     out: dict[str, Pipeline] = {}
-    wf = WorkflowConfig("b", "", "b", src, (), (spec("d", ("src",)),))
-    out["none (pass-through)"] = Pipeline(wf, {}, {}, print)
     wf = WorkflowConfig("b", "", "b", src, (spec("f", ("src",)),), (spec("d", ("f",)),))
     out["filter"] = Pipeline(
         wf, {"f": FilterTransform("f", FilterConfig(cond), ctx("f"))}, {}, print

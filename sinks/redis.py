@@ -223,6 +223,7 @@ class RedisSink:
         return st.checkpoint if st else None
 
     def close(self) -> None:
+        self._sources.clear()  # buffers of an abandoned attempt: open() reads them back
         if self._client is not None:
             self._client.close()
             self._client = None
