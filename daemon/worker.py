@@ -290,6 +290,7 @@ class Applier:
                 state,
                 on_error=eh.on_error,
                 reject=functools.partial(self._sink_rejected, node.name),
+                stopping=self._stopping,
             )
             self.sinks[node.name] = load_class(SINK_TYPES[node.type].implementation)(
                 node.name, node.config, ctx
@@ -577,6 +578,9 @@ class Applier:
         except RetryableError as e:
             self.log.warning("destination {}: reopening failed: {}", dest, e)
             return False
+
+    def _stopping(self) -> bool:
+        return self.stop is not None and self.stop.requested
 
     def _sleep(self, seconds: float) -> None:
         """Wait, but give up (retryably) when asked to stop: nothing is lost, the

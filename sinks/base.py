@@ -75,6 +75,10 @@ def _ignore_rejected(source: str, rejected: Sequence[Rejected]) -> None:
     """The default: nobody to tell (tests that construct sinks directly)."""
 
 
+def _never() -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class SinkContext:
     workflow: str
@@ -84,3 +88,6 @@ class SinkContext:
     on_error: Literal["fail", "skip", "dead_letter"] = "fail"
     # Called with (source, refused changes) before they are checkpointed past.
     reject: Callable[[str, Sequence[Rejected]], None] = _ignore_rejected
+    # True once the worker was asked to stop: a sink waiting to retry gives up
+    # (raises RetryableError) instead of holding up the shutdown.
+    stopping: Callable[[], bool] = _never

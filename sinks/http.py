@@ -251,7 +251,11 @@ class HttpSink:
                 delay,
             )
             self.retries += 1
-            time.sleep(delay)
+            deadline = time.monotonic() + delay
+            while (left := deadline - time.monotonic()) > 0:
+                if self.ctx.stopping():
+                    raise RetryableError(f"http destination {self.name}: stopping ({problem})")
+                time.sleep(min(0.2, left))
             attempt += 1
 
     def _backoff(self, attempt: int) -> float:

@@ -56,6 +56,19 @@ class Transform(Protocol):
     def close(self) -> None: ...
 
 
+class Stateless:
+    """Lifecycle of a transformation that holds no connection and no counters."""
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+
 @dataclass(frozen=True)
 class TransformContext:
     workflow: str

@@ -14,7 +14,13 @@ from typing import Any
 
 from dataflare.cdc.errors import FatalError
 from dataflare.cdc.model import Change, Op, Row, TableSchema
-from dataflare.daemon.transforms.base import ChangeRun, TablePlan, TransformContext, passthrough
+from dataflare.daemon.transforms.base import (
+    ChangeRun,
+    Stateless,
+    TablePlan,
+    TransformContext,
+    passthrough,
+)
 from dataflare.daemon.transforms.configs import FilterConfig
 from dataflare.daemon.transforms.expr import parse
 from dataflare.daemon.transforms.tables import TableSelector
@@ -25,19 +31,13 @@ _EMPTY: frozenset[str] = frozenset()
 _ALWAYS = frozenset({Op.DELETE, Op.TRUNCATE})
 
 
-class FilterTransform:
+class FilterTransform(Stateless):
     def __init__(self, name: str, config: FilterConfig, ctx: TransformContext) -> None:
         self.name = name
         self.cfg = config
         self.expr = parse(config.condition)
         self._tables = TableSelector(config.tables)
         self.passed = self.dropped = self.deleted = 0
-
-    def open(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def status(self) -> dict[str, Any]:
         return {"passed": self.passed, "dropped": self.dropped, "turned_to_deletes": self.deleted}

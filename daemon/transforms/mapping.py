@@ -17,7 +17,13 @@ from typing import Any
 
 from dataflare.cdc.errors import FatalError
 from dataflare.cdc.model import Change, Column, Row, TableId, TableSchema
-from dataflare.daemon.transforms.base import ChangeRun, TablePlan, TransformContext, passthrough
+from dataflare.daemon.transforms.base import (
+    ChangeRun,
+    Stateless,
+    TablePlan,
+    TransformContext,
+    passthrough,
+)
 from dataflare.daemon.transforms.configs import FieldMapping, MappingConfig
 from dataflare.daemon.transforms.expr import parse
 from dataflare.daemon.transforms.tables import TableSelector
@@ -59,7 +65,7 @@ class _Nest:
     parts: list[tuple[tuple[str, ...], _Value]] = field(default_factory=list)
 
 
-class MappingTransform:
+class MappingTransform(Stateless):
     def __init__(self, name: str, config: MappingConfig, ctx: TransformContext) -> None:
         self.name = name
         self.cfg = config
@@ -67,15 +73,6 @@ class MappingTransform:
         self._exprs = [
             None if m.expression is None else parse(m.expression) for m in config.mappings
         ]
-
-    def open(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def status(self) -> dict[str, Any]:
-        return {}
 
     def plan(self, schema: TableSchema) -> TablePlan:
         if schema.table not in self._tables:

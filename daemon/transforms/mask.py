@@ -10,7 +10,13 @@ from typing import Any
 
 from dataflare.cdc.errors import FatalError
 from dataflare.cdc.model import Change, Column, Row, TableSchema
-from dataflare.daemon.transforms.base import ChangeRun, TablePlan, TransformContext, passthrough
+from dataflare.daemon.transforms.base import (
+    ChangeRun,
+    Stateless,
+    TablePlan,
+    TransformContext,
+    passthrough,
+)
 from dataflare.daemon.transforms.configs import MaskConfig, MaskRule
 from dataflare.daemon.transforms.tables import TableSelector
 from dataflare.daemon.transforms.values import column, text_form
@@ -20,7 +26,7 @@ _new_tuple = tuple.__new__
 Masker = Callable[[Any], Any]  # a non-NULL value -> its masked form
 
 
-class MaskTransform:
+class MaskTransform(Stateless):
     def __init__(self, name: str, config: MaskConfig, ctx: TransformContext) -> None:
         self.name = name
         self.cfg = config
@@ -32,15 +38,6 @@ class MaskTransform:
             self._rules[r.field] = r
         self._hmac = hmac.new((config.salt or "").encode(), digestmod=hashlib.sha256)
         self.log = logger.bind(workflow=ctx.workflow, component=f"transformation:{name}")
-
-    def open(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def status(self) -> dict[str, Any]:
-        return {}
 
     def masker(self, rule: MaskRule) -> Masker:
         if rule.method == "full":

@@ -8,14 +8,20 @@ from typing import Any
 
 from dataflare.cdc.errors import FatalError
 from dataflare.cdc.model import Change, TableId, TableSchema
-from dataflare.daemon.transforms.base import ChangeRun, TablePlan, TransformContext, passthrough
+from dataflare.daemon.transforms.base import (
+    ChangeRun,
+    Stateless,
+    TablePlan,
+    TransformContext,
+    passthrough,
+)
 from dataflare.daemon.transforms.configs import RenameConfig
 from dataflare.daemon.transforms.tables import TableSelector, parse_pattern, parse_table_id
 
 _new_tuple = tuple.__new__
 
 
-class RenameTransform:
+class RenameTransform(Stateless):
     def __init__(self, name: str, config: RenameConfig, ctx: TransformContext) -> None:
         self.name = name
         self.cfg = config
@@ -23,12 +29,6 @@ class RenameTransform:
         self._explicit = [(parse_pattern(k), parse_table_id(v)) for k, v in config.tables.items()]
         self._only = TableSelector(config.only)
         self._origin: dict[TableId, TableId] = {}  # output table -> the input renamed to it
-
-    def open(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def status(self) -> dict[str, Any]:
         return {"renamed": len(self._origin)}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dataflare.cdc.model import Change, Op, TableId, TableSchema
-from dataflare.daemon.transforms.base import TransformContext
+from dataflare.daemon.transforms.base import Stateless, TransformContext
 from dataflare.daemon.transforms.configs import RouteConfig
 from dataflare.daemon.transforms.expr import Expression, parse
 
@@ -40,7 +40,7 @@ def table_set(names: list[str] | None) -> frozenset[TableId] | None:
     return frozenset(parse_table_name(n) for n in names)
 
 
-class RouteTransform:
+class RouteTransform(Stateless):
     def __init__(self, name: str, config: RouteConfig, ctx: TransformContext) -> None:
         self.name = name
         self.routes: list[tuple[frozenset[TableId] | None, Expression | None, tuple[str, ...]]] = [
@@ -49,12 +49,6 @@ class RouteTransform:
         ]
         self.default = tuple(config.default)
         self.sent: dict[str, int] = {}
-
-    def open(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def status(self) -> dict[str, Any]:
         return {"routed": dict(self.sent)}

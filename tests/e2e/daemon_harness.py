@@ -45,6 +45,8 @@ def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
 
 
 class Daemon:
+    new_session = False  # GroupDaemon: a session of its own, killed as a whole
+
     def __init__(self, config: Path) -> None:
         self.config = config
         self.socket = str(config.parent / "df.sock")
@@ -59,6 +61,7 @@ class Daemon:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
+                start_new_session=self.new_session,
             )
         finally:
             logf.close()
@@ -126,23 +129,7 @@ def count_lines(path: Path) -> int:
 class GroupDaemon(Daemon):
     """The daemon in its own session, so one killpg() hits every process of it."""
 
-    def start(self) -> None:
-        logf = open(self.log, "ab")  # noqa: SIM115 - handed to the child
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dataflare.daemon.cli", "--config", str(self.config), "run"],
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                start_new_session=True,
-            )
-        finally:
-            logf.close()
-        wait_for(
-            lambda: os.path.exists(self.socket) and self.try_status() is not None,
-            20,
-            f"daemon did not come up; log:\n{self.log_tail()}",
-        )
+    new_session = True
 
     def kill_group(self) -> None:
         assert self.proc is not None

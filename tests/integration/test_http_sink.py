@@ -255,6 +255,22 @@ def test_429_honours_retry_after(hook: Webhook, state: StateStore) -> None:
     assert parse_retry_after("soon") is None
 
 
+def test_a_stop_request_cuts_a_retry_wait_short(hook: Webhook, state: StateStore) -> None:
+    hook.script.fail, hook.script.fail_status, hook.script.retry_after = 1, 503, "30"
+    stopping = [False]
+    ctx = SinkContext(WF, DEST, (SRC,), state, stopping=lambda: stopping[0])
+    sink = HttpSink(DEST, HttpSinkConfig(url=hook.url, retry_count=2, **FAST), ctx)
+    OPENED.append(sink)
+    sink.open()
+    (batch,) = batches(5)
+    threading.Timer(0.3, lambda: stopping.__setitem__(0, True)).start()
+    t0 = time.monotonic()
+    with pytest.raises(RetryableError, match="stopping"):
+        sink.write(SRC, batch)
+    assert time.monotonic() - t0 < 5  # not the 30 s Retry-After
+    assert sink.checkpoint(SRC) is None
+
+
 def test_retries_exhausted_raise_retryable_and_checkpoint_nothing(
     hook: Webhook, state: StateStore
 ) -> None:

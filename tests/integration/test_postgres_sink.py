@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from dataflare.sinks.postgres import PostgresSink, scrub
 from dataflare.sinks.registry import SINK_TYPES
 from psycopg import sql
 
+from tests.fakes import NoState
 from tests.servers import PostgresServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -42,28 +43,6 @@ ITEMS_SCHEMA = TableSchema(
 )
 
 
-class NoState:
-    """The daemon's state store: a transactional sink must not use it."""
-
-    def get_checkpoint(self, workflow: str, destination: str, source: str) -> Position | None:
-        raise AssertionError("the postgres sink keeps its checkpoint in the target")
-
-    def get_checkpoint_extra(
-        self, workflow: str, destination: str, source: str
-    ) -> dict[str, Any] | None:
-        raise AssertionError("the postgres sink keeps its checkpoint in the target")
-
-    def put_checkpoint(
-        self,
-        workflow: str,
-        destination: str,
-        source: str,
-        position: Position,
-        extra: Mapping[str, Any] | None = None,
-    ) -> None:
-        raise AssertionError("the postgres sink keeps its checkpoint in the target")
-
-
 SinkFactory = Callable[..., PostgresSink]
 
 
@@ -75,7 +54,7 @@ def make_sink(pg_db: str) -> Iterator[SinkFactory]:
         sink = PostgresSink(
             "replica",
             PostgresSinkConfig(dsn=dsn or pg_db, **cfg),
-            SinkContext("wf", "replica", ("src",), NoState()),
+            SinkContext("wf", "replica", ("src",), NoState("the postgres sink")),
         )
         opened.append(sink)
         if open:

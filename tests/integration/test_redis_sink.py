@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -17,6 +17,7 @@ from dataflare.sinks.configs import RedisSinkConfig
 from dataflare.sinks.envelope import from_msgpack
 from dataflare.sinks.redis import RedisSink
 
+from tests.fakes import NoState
 from tests.servers import RedisServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -33,28 +34,6 @@ SCHEMA = TableSchema(
     ("id",),
 )
 KEYLESS = TableSchema(TableId("shop", "log"), (Column("line", "text"),), ())
-
-
-class NoState:
-    """The daemon's state store: the redis sink keeps its checkpoint in Redis."""
-
-    def get_checkpoint(self, workflow: str, destination: str, source: str) -> Position | None:
-        raise AssertionError("the redis sink keeps its checkpoint in Redis")
-
-    def get_checkpoint_extra(
-        self, workflow: str, destination: str, source: str
-    ) -> dict[str, Any] | None:
-        raise AssertionError("the redis sink keeps its checkpoint in Redis")
-
-    def put_checkpoint(
-        self,
-        workflow: str,
-        destination: str,
-        source: str,
-        position: Position,
-        extra: Mapping[str, Any] | None = None,
-    ) -> None:
-        raise AssertionError("the redis sink keeps its checkpoint in Redis")
 
 
 def pos(v: int, tag: str = "") -> Position:
@@ -102,7 +81,9 @@ def make_sink(redis_server: RedisServer, db: int) -> Iterator[SinkFactory]:
     def make(**cfg: Any) -> RedisSink:
         cfg.setdefault("url", f"redis://127.0.0.1:{redis_server.port}/{db}")
         sink = RedisSink(
-            "cache", RedisSinkConfig(**cfg), SinkContext("wf", "cache", ("src",), NoState())
+            "cache",
+            RedisSinkConfig(**cfg),
+            SinkContext("wf", "cache", ("src",), NoState("the redis sink")),
         )
         sink.open()
         opened.append(sink)
@@ -276,7 +257,7 @@ def test_unreachable_redis_is_retryable_without_the_password() -> None:
     sink = RedisSink(
         "cache",
         RedisSinkConfig(url=f"redis://user:s3cret@127.0.0.1:{port}/0", connect_timeout=1),
-        SinkContext("wf", "cache", ("src",), NoState()),
+        SinkContext("wf", "cache", ("src",), NoState("the redis sink")),
     )
     with pytest.raises(RetryableError) as err:
         sink.open()
