@@ -18,19 +18,25 @@ def consumers(wf: WorkflowConfig) -> dict[str, list[str]]:
     return out
 
 
+def reachable(downstream: dict[str, list[str]], start: str) -> set[str]:
+    """Every node downstream of ``start`` (``downstream`` as :func:`consumers` gives it)."""
+    seen: set[str] = set()
+    stack = [start]
+    while stack:
+        for nxt in downstream.get(stack.pop(), []):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
 def destinations_by_source(wf: WorkflowConfig) -> dict[str, list[str]]:
     """source name -> destination names its changes reach, in config order."""
     downstream = consumers(wf)
     dest_names = [d.name for d in wf.destinations]
     result: dict[str, list[str]] = {}
     for src in wf.sources:
-        seen: set[str] = set()
-        stack = [src.name]
-        while stack:
-            for nxt in downstream.get(stack.pop(), []):
-                if nxt not in seen:
-                    seen.add(nxt)
-                    stack.append(nxt)
+        seen = reachable(downstream, src.name)
         result[src.name] = [d for d in dest_names if d in seen]
     return result
 

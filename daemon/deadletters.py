@@ -117,7 +117,10 @@ class DeadLetterStore:
                 continue
             seen.add(fp)
             existing = self.state.get_meta(self._fp_key(fp))
-            if existing is not None and self._get_raw(int(existing)) is not None:
+            if (
+                existing is not None
+                and self.state.get_dead_letter(self.workflow, int(existing)) is not None
+            ):
                 continue  # the same change refused again after a restart
             fresh.append(r)
         if not fresh:
@@ -127,9 +130,6 @@ class DeadLetterStore:
                 letter_id = txn.put_dead_letter(self.workflow, r)
                 txn.put_meta(self._fp_key(r["fp"]), letter_id)
         return len(fresh)
-
-    def _get_raw(self, letter_id: int) -> dict[str, Any] | None:
-        return self.state.get_dead_letter(self.workflow, letter_id)
 
     def _letter(self, letter_id: int, raw: dict[str, Any]) -> DeadLetter:
         change, schema = _decode_change(bytes(raw["change"]))
@@ -153,14 +153,14 @@ class DeadLetterStore:
         return [self._letter(i, raw) for i, raw in self.state.dead_letters(self.workflow, limit)]
 
     def get(self, letter_id: int) -> DeadLetter | None:
-        raw = self._get_raw(letter_id)
+        raw = self.state.get_dead_letter(self.workflow, letter_id)
         return None if raw is None else self._letter(letter_id, raw)
 
     def count(self) -> int:
         return self.state.count_dead_letters(self.workflow)
 
     def delete(self, letter_id: int) -> bool:
-        raw = self._get_raw(letter_id)
+        raw = self.state.get_dead_letter(self.workflow, letter_id)
         if raw is None:
             return False
         with self.state.transaction() as txn:
@@ -174,7 +174,7 @@ class DeadLetterStore:
         """A replay failed again: keep the letter with the new error, and only the
         destinations that still miss it. (The store gives every put a new id, so
         the letter gets one too.)"""
-        raw = self._get_raw(letter.id)
+        raw = self.state.get_dead_letter(self.workflow, letter.id)
         if raw is None:
             return
         raw = {**raw, "error": error[:2000], "attempts": letter.attempts + 1}

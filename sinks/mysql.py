@@ -509,13 +509,7 @@ class MysqlSink(TransactionalSqlSink):
                 f"UPDATE {t.ident} SET {sets} WHERE {where} LIMIT 1",
                 [to_param(c.after[i]) for i in cols] + before,
             )
-        if n != 1:
-            self.rows_missing += 1
-            self.log.warning(
-                "{}: a {} found no equal row in the target (the target had diverged)",
-                t.label,
-                c.op.name.lower(),
-            )
+        self._count_missing(n, t.label, c)
 
     # ------------------------------------------------------------------ tables
 

@@ -566,13 +566,7 @@ class PostgresSink(TransactionalSqlSink):
                 sql.SQL("UPDATE {} SET {} WHERE {}").format(t.ident, sets, one),
                 [*(after[i] for i in cols), *before],
             )
-        if cur.rowcount != 1:
-            self.rows_missing += 1
-            self.log.warning(
-                "{}: a {} found no equal row in the target (the target had diverged)",
-                t.label,
-                c.op.name.lower(),
-            )
+        self._count_missing(cur.rowcount, t.label, c)
 
     # ---------------------------------------------------------- table management
 

@@ -284,6 +284,8 @@ class TransactionalSqlSink:
     name: str
     mode: str  # upsert | append
     records_written: int
+    rows_missing: int
+    log: Any  # loguru logger bound to the destination
     _partial_source: str | None
     _layouts: dict[TableId, TableSchema]
     _checkpoints: dict[str, Position | None]
@@ -310,6 +312,16 @@ class TransactionalSqlSink:
             else:
                 self._partial_source = source
         self.records_written += len(batch.changes)
+
+    def _count_missing(self, affected: int, label: str, c: Change) -> None:
+        """A keyless table's update or delete must affect exactly one equal row."""
+        if affected != 1:
+            self.rows_missing += 1
+            self.log.warning(
+                "{}: a {} found no equal row in the target (the target had diverged)",
+                label,
+                c.op.name.lower(),
+            )
 
     # --- what a database provides -------------------------------------------------
 

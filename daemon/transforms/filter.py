@@ -24,10 +24,13 @@ from dataflare.daemon.transforms.base import (
 from dataflare.daemon.transforms.configs import FilterConfig
 from dataflare.daemon.transforms.expr import parse
 from dataflare.daemon.transforms.tables import TableSelector
-from dataflare.daemon.transforms.values import known_before, read_columns, unknown_unchanged
+from dataflare.daemon.transforms.values import (
+    delete_maker,
+    known_before,
+    read_columns,
+    unknown_unchanged,
+)
 
-_new_tuple = tuple.__new__
-_EMPTY: frozenset[str] = frozenset()
 _ALWAYS = frozenset({Op.DELETE, Op.TRUNCATE})
 
 
@@ -60,11 +63,9 @@ class FilterTransform(Stateless):
         reads: frozenset[str],
     ) -> Callable[[ChangeRun], ChangeRun]:
         names = schema.column_names
-        kidx = schema.key_indexes()
-        width = len(names)
-        keyless = not schema.key
         table = schema.table
         node = f"filter {self.name}"
+        as_delete = delete_maker(schema, node)
 
         def with_known(c: Change) -> Change:
             if not (c[6] & reads):
@@ -73,25 +74,6 @@ class FilterTransform(Stateless):
             if c[6] & reads:
                 raise unknown_unchanged(node, table)
             return c
-
-        def as_delete(c: Change) -> Change:
-            before = c[4]
-            if before is None:
-                if keyless:
-                    raise FatalError(
-                        f"{node}: an update of {table} (no primary key) came without its "
-                        f"old row; set REPLICA IDENTITY FULL on {table}"
-                    )
-                # The key did not change (else the source sends the old key): the
-                # key-only old row is built from the new row.
-                after = c[5]
-                assert after is not None
-                row: list[Any] = [None] * width
-                for i in kidx:
-                    row[i] = after[i]
-                before = tuple(row)
-            key = tuple([before[i] for i in kidx]) if kidx else None
-            return _new_tuple(Change, (Op.DELETE, c[1], c[2], key, before, None, _EMPTY, *c[7:]))
 
         def apply(changes: ChangeRun) -> ChangeRun:
             if reads and any(c[6] for c in changes):

@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from dataflare.cdc.errors import FatalError, RetryableError
 from dataflare.cdc.model import Change, TableId, TableSchema
 from dataflare.daemon.config import WorkflowConfig
-from dataflare.daemon.dag import consumers
+from dataflare.daemon.dag import consumers, reachable
 from dataflare.daemon.transforms.base import TablePlan, Transform
 from loguru import logger
 
@@ -147,13 +147,7 @@ class Pipeline:
         cached = self._orders.get(root)
         if cached is not None:
             return cached
-        reach: set[str] = set()
-        stack = [root]
-        while stack:
-            for nxt in self.consumers.get(stack.pop(), []):
-                if nxt not in reach:
-                    reach.add(nxt)
-                    stack.append(nxt)
+        reach = reachable(self.consumers, root)
         nodes = [n for n in self.transforms if n in reach or n == root]
         done: set[str] = set()
         order: list[str] = []
@@ -176,13 +170,7 @@ class Pipeline:
         """Destinations reachable from ``node``."""
         found = self._downstream.get(node)
         if found is None:
-            seen: set[str] = set()
-            stack = [node]
-            while stack:
-                for nxt in self.consumers.get(stack.pop(), []):
-                    if nxt not in seen:
-                        seen.add(nxt)
-                        stack.append(nxt)
+            seen = reachable(self.consumers, node)
             found = tuple(d for d in self.destinations if d in seen)
             self._downstream[node] = found
         return found

@@ -12,39 +12,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dataflare.cdc.model import Change, Op, TableId, TableSchema
+from dataflare.cdc.model import Change, Op, TableSchema
 from dataflare.daemon.transforms.base import Stateless, TransformContext
 from dataflare.daemon.transforms.configs import RouteConfig
 from dataflare.daemon.transforms.expr import Expression, parse
+from dataflare.daemon.transforms.tables import TableSelector
+from dataflare.daemon.transforms.values import delete_maker
 
 _UNCONDITIONAL = (Op.DELETE, Op.TRUNCATE)
-
-
-def as_delete(c: Change, schema: TableSchema) -> Change:
-    """The delete that removes the row an update ``c`` left behind in a mirror."""
-    key = c.key
-    if key is None:
-        row = c.before if c.before is not None else c.after
-        if row is not None and schema.key:
-            key = tuple(row[i] for i in schema.key_indexes())
-    return Change(
-        Op.DELETE, c.table, c.position, key, c.before, None, frozenset(), c.xid, c.commit_ts_us
-    )
-
-
-def table_set(names: list[str] | None) -> frozenset[TableId] | None:
-    if names is None:
-        return None
-    from dataflare.cdc.postgres.source import parse_table_name
-
-    return frozenset(parse_table_name(n) for n in names)
 
 
 class RouteTransform(Stateless):
     def __init__(self, name: str, config: RouteConfig, ctx: TransformContext) -> None:
         self.name = name
-        self.routes: list[tuple[frozenset[TableId] | None, Expression | None, tuple[str, ...]]] = [
-            (table_set(r.tables), parse(r.condition) if r.condition else None, tuple(r.to))
+        self.routes: list[tuple[TableSelector, Expression | None, tuple[str, ...]]] = [
+            (TableSelector(r.tables), parse(r.condition) if r.condition else None, tuple(r.to))
             for r in config.routes
         ]
         self.default = tuple(config.default)
@@ -58,7 +40,7 @@ class RouteTransform(Stateless):
         routes = [
             (None if expr is None else expr.predicate(columns), to)
             for tables, expr, to in self.routes
-            if tables is None or schema.table in tables
+            if schema.table in tables
         ]
         every: list[str] = []
         for _, to in routes:
@@ -66,6 +48,7 @@ class RouteTransform(Stateless):
         every.extend(t for t in self.default if t not in every)
         default = self.default
         sent = self.sent
+        as_delete = delete_maker(schema, f"route {self.name}")
 
         def split(run: list[Change]) -> dict[str, list[Change]]:
             out: dict[str, list[Change]] = {t: [] for t in every}
@@ -86,7 +69,7 @@ class RouteTransform(Stateless):
                 if c.op is Op.UPDATE:
                     gone = [t for t in every if t not in chosen]
                     if gone:
-                        d = as_delete(c, schema)
+                        d = as_delete(c)
                         for t in gone:
                             out[t].append(d)
             for t, part in out.items():

@@ -15,7 +15,10 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 from dataflare.cdc.errors import FatalError
-from dataflare.cdc.model import Change, Column
+from dataflare.cdc.model import Change, Column, Op, TableSchema
+
+_new_tuple = tuple.__new__
+_NO_COLUMNS: frozenset[str] = frozenset()
 
 # PostgreSQL OIDs of the types transformations produce: sinks read ``type_oid`` to
 # tell a PostgreSQL type name from a MySQL one.
@@ -260,6 +263,36 @@ def read_columns(fields: frozenset[str], names: Sequence[str]) -> frozenset[str]
                 cols.add(name)
                 break
     return frozenset(cols)
+
+
+def delete_maker(schema: TableSchema, node: str) -> Callable[[Change], Change]:
+    """For a filter or route in front of a mirror: the delete that removes the row
+    an update left behind (its old key, or the whole old row of a keyless table)."""
+    kidx = schema.key_indexes()
+    width = len(schema.columns)
+    keyless = not schema.key
+    table = schema.table
+
+    def as_delete(c: Change) -> Change:
+        before = c[4]
+        if before is None:
+            if keyless:
+                raise FatalError(
+                    f"{node}: an update of {table} (no primary key) came without its "
+                    f"old row; set REPLICA IDENTITY FULL on {table}"
+                )
+            # The key did not change (else the source sends the old key): the
+            # key-only old row is built from the new row.
+            after = c[5]
+            assert after is not None
+            row: list[Any] = [None] * width
+            for i in kidx:
+                row[i] = after[i]
+            before = tuple(row)
+        key = tuple([before[i] for i in kidx]) if kidx else None
+        return _new_tuple(Change, (Op.DELETE, c[1], c[2], key, before, None, _NO_COLUMNS, *c[7:]))
+
+    return as_delete
 
 
 def unknown_unchanged(node: str, table: object) -> FatalError:
