@@ -46,7 +46,7 @@ Batch frames
     bytes 1..4   header length, big-endian uint32
     header       msgpack [count, complete, first_kind, first_value, first_tag,
                           last_kind, last_value, last_tag]
-    body         msgpack [schemas, extra_tables, changes]
+    body         msgpack [schemas, extra_tables, changes, pg_text]
 
 ``schemas`` are ``[schema, name, [[column, type_name, nullable, type_oid], ...],
 [key, ...], version]``; ``extra_tables`` are ``[schema, name]`` of tables that
@@ -54,8 +54,11 @@ changes touch but ``Batch.schemas`` does not describe. A change is ``[op,
 table_index, key, before, after, unchanged, position_value, position_tag, xid,
 commit_ts_us]`` where ``table_index`` counts the schemas' tables, then the extra
 tables, and the position's kind is ``first_kind``; a change whose position has
-another kind carries it as an 11th element. :func:`peek_batch` reads only the
-header. Decoding anything malformed raises :class:`FatalError`.
+another kind carries it as an 11th element. ``pg_text`` is ``[[table_index, [oid,
+...]], ...]`` (``Batch.pg_text``); a 3-element body has none. A 5th element
+``[decoder, payload]`` holds changes still packed by their source (``Batch.packed``,
+``changes`` is then empty): the decoder named fills ``changes`` from the payload.
+:func:`peek_batch` reads only the header. Decoding anything malformed raises :class:`FatalError`.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ from zoneinfo import ZoneInfo
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 from dataflare.cdc.errors import FatalError
 from dataflare.cdc.model import Batch, Change, Column, Op, Position, TableId, TableSchema
+from dataflare.cdc.postgres.packed import unpack_changes
 
 __all__ = [
     "FORMAT_VERSION",
@@ -604,8 +608,9 @@ def encode_batch(batch: Batch) -> bytes:
             c.commit_ts_us,
         )
         append(rec if p.kind == kind else (*rec, p.kind))
+    packed = batch.packed
     header = (
-        len(records),
+        len(records) if packed is None else packed.count,
         batch.complete,
         first.kind,
         first.value,
@@ -614,7 +619,7 @@ def encode_batch(batch: Batch) -> bytes:
         last.value,
         last.tag,
     )
-    body = (
+    body: tuple[Any, ...] = (
         [
             (
                 s.table.schema,
@@ -627,7 +632,12 @@ def encode_batch(batch: Batch) -> bytes:
         ],
         extra,
         records,
+        [(index[t], oids) for t, oids in batch.pg_text.items() if t in index],
     )
+    if packed is not None:
+        if records:
+            raise ValueError("a batch with packed changes holds no other changes")
+        body = (*body, (packed.decoder, packed.payload))
     head = _pack(header)
     return b"".join((_S_FRAME.pack(FORMAT_VERSION, len(head)), head, _pack(body)))
 
@@ -695,9 +705,9 @@ def decode_batch(data: bytes | bytearray | memoryview[Any]) -> Batch:
         head = _header(mv, end)
         with mv[end:] as part:
             body = _unpack(part, "corrupt batch frame: bad body")
-    if type(body) is not list or len(body) != 3:
-        raise _corrupt("body is not a 3-element array")
-    raw_schemas, raw_extra, raw_changes = body
+    if type(body) is not list or len(body) not in (3, 4, 5):
+        raise _corrupt("body is not a 3- to 5-element array")
+    raw_schemas, raw_extra, raw_changes = body[:3]
     schemas = _schemas(raw_schemas)
     tables = [s.table for s in schemas]
     if type(raw_extra) is not list:
@@ -706,17 +716,51 @@ def decode_batch(data: bytes | bytearray | memoryview[Any]) -> Batch:
         if type(t) is not list or len(t) != 2 or type(t[0]) is not str or type(t[1]) is not str:
             raise _corrupt("bad extra table")
         tables.append(TableId(t[0], t[1]))
-    if type(raw_changes) is not list or len(raw_changes) != head.count:
+    packed = len(body) == 5
+    if type(raw_changes) is not list or len(raw_changes) != (0 if packed else head.count):
         raise _corrupt(f"header counts {head.count} changes, the body holds another number")
     try:
-        changes = _changes(raw_changes, dict(enumerate(tables)), head.first.kind)
+        if packed:
+            changes = _unpack_changes(body[4], schemas)
+            if len(changes) != head.count:
+                raise _corrupt(f"header counts {head.count} changes, {len(changes)} unpacked")
+        else:
+            changes = _changes(raw_changes, dict(enumerate(tables)), head.first.kind)
     except FatalError:
         raise
     except KeyError as e:
         raise _corrupt(f"a change has an unknown op or table index ({_reason(e)})") from e
     except Exception as e:  # a wrong type where a change field was expected
         raise _corrupt(f"bad change record ({_reason(e)})") from e
-    return Batch(changes, schemas, head.first, head.last, head.complete)
+    pg_text = _pg_text(body[3], tables) if len(body) >= 4 else {}
+    return Batch(changes, schemas, head.first, head.last, head.complete, pg_text=pg_text)
+
+
+def _unpack_changes(raw: Any, schemas: list[TableSchema]) -> list[Change]:
+    if type(raw) is not list or len(raw) != 2 or type(raw[0]) is not str:
+        raise _corrupt("bad packed changes")
+    decoder, payload = raw
+    if decoder != "pgoutput":
+        raise _corrupt(f"unknown packed-change format {decoder!r}")
+    return unpack_changes(payload, schemas)
+
+
+def _pg_text(raw: Any, tables: list[TableId]) -> dict[TableId, tuple[int, ...]]:
+    if type(raw) is not list:
+        raise _corrupt("pg_text is not an array")
+    out: dict[TableId, tuple[int, ...]] = {}
+    for item in raw:
+        if (
+            type(item) is not list
+            or len(item) != 2
+            or type(item[0]) is not int
+            or not 0 <= item[0] < len(tables)
+            or type(item[1]) is not list
+            or not all(type(o) is int for o in item[1])
+        ):
+            raise _corrupt("bad pg_text entry")
+        out[tables[item[0]]] = tuple(item[1])
+    return out
 
 
 def _is_str_list(v: Any) -> bool:

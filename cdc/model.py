@@ -90,6 +90,18 @@ class Change(NamedTuple):
 
 
 @dataclass(slots=True)
+class Packed:
+    """Changes still in their source's wire form, decoded by the process that
+    receives the batch (see ``cdc.postgres.packed``): ``decoder`` names the format,
+    ``payload`` is msgpack-able, ``counts`` tallies changes per (table, op)."""
+
+    decoder: str
+    count: int
+    payload: Any
+    counts: dict[tuple[TableId, Op], int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class Batch:
     """Changes of one or more whole source transactions, or part of a large one.
 
@@ -107,9 +119,18 @@ class Batch:
     # their own (``<change id>:replay:<token>``), without touching per-transaction
     # ordinals.
     replay: str = ""
+    # Tables whose rows (key, before, after) hold each value as the bytes of its
+    # PostgreSQL text output rather than a Python value, mapped to the type OIDs the
+    # values load as. A postgres source sends rows so when every destination writes
+    # them as they are (text COPY); ``cdc.postgres.text_rows.materialize`` turns them
+    # into values for anything else.
+    pg_text: dict[TableId, tuple[int, ...]] = field(default_factory=dict)
+    # Set by a source instead of ``changes`` (left empty): decoded on the ring's far
+    # side, where the batch arrives with ``changes`` filled.
+    packed: Packed | None = None
 
     def __len__(self) -> int:
-        return len(self.changes)
+        return self.packed.count if self.packed is not None else len(self.changes)
 
     def __iter__(self) -> Iterator[Change]:
         return iter(self.changes)

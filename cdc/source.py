@@ -68,6 +68,9 @@ class SourceContext:
     # a source may then ship a partial batch at once instead of filling it.
     downstream_idle: Callable[[], bool] = field(default=lambda: True, compare=False)
     state: SourceStateStore | None = field(default=None, compare=False)
+    # Every destination writes PostgreSQL text rows as they are (Batch.pg_text): a
+    # postgres source may then skip loading values.
+    pg_text: bool = False
 
     @property
     def default_slot(self) -> str:

@@ -52,6 +52,7 @@ from dataflare.cdc.errors import (
     RingClosed,
 )
 from dataflare.cdc.model import Batch, Change, Op, Position, TableId, TableSchema
+from dataflare.cdc.postgres.text_rows import materialize
 from dataflare.cdc.registry import SOURCE_TYPES
 from dataflare.cdc.source import SourceContext
 from dataflare.daemon import logs
@@ -149,6 +150,17 @@ class StopSignal:
             pass
 
 
+def takes_pg_text(wf: WorkflowConfig, dest: str) -> bool:
+    """Does ``dest`` take rows as PostgreSQL text (``Batch.pg_text``) as they are?
+    Only with no transformation in the workflow, and only where a refusal stops the
+    workflow (isolating refused changes works on values)."""
+    if wf.transformations:
+        return False
+    node = next(d for d in wf.destinations if d.name == dest)
+    check = getattr(load_class(SINK_TYPES[node.type].implementation), "takes_pg_text", None)
+    return bool(check and node.error_handling.on_error == "fail" and check(node.config))
+
+
 def _die_with_parent(parent_pid: int) -> None:
     # If the supervisor is SIGKILLed its workers must not live on as orphans
     # writing to the same files as the next daemon.
@@ -175,6 +187,7 @@ def run_source(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
         state_dir=spec.state_dir,
         downstream_idle=lambda: producer.stats().used == 0,
         state=state,
+        pg_text=all(takes_pg_text(wf, d) for d in destinations_by_source(wf)[node.name]),
     )
     source = load_class(SOURCE_TYPES[node.type].implementation)(node.name, node.config, ctx)
     try:
@@ -201,9 +214,12 @@ def run_source(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
                 else:
                     records += len(batch)
                     batches += 1
-                    # Counted in C: Change is a tuple (op, table, ...); named once per status.
-                    changes = batch.changes
-                    tally.update(zip(map(_TABLE, changes), map(_OP, changes), strict=True))
+                    if batch.packed is not None:
+                        tally.update(batch.packed.counts)
+                    else:
+                        # Counted in C: Change is a tuple (op, table, ...); named once per status.
+                        changes = batch.changes
+                        tally.update(zip(map(_TABLE, changes), map(_OP, changes), strict=True))
             version, data = producer.ack()
             if version != seen_version:
                 seen_version = version
@@ -319,6 +335,7 @@ class Applier:
         self.batches = 0
         self.last_errors: dict[str, str] = {}
         self._writing: dict[TableId, TableSchema] = {}
+        self.pg_text = {d.name: takes_pg_text(wf, d.name) for d in wf.destinations}
 
     def open(self) -> None:
         if self.pipeline is not None:
@@ -341,6 +358,8 @@ class Applier:
 
     def apply(self, source: str, batch: Batch) -> None:
         dests = self.routes[source]
+        if batch.pg_text and not all(self.pg_text[d] for d in dests):
+            batch = materialize(batch)
         changes = batch.changes
         # Every destination already has a prefix of this batch (a re-sent window):
         # transform only what some destination still lacks.
@@ -369,6 +388,7 @@ class Applier:
                 batch.first,
                 batch.last,
                 batch.complete,
+                pg_text=batch.pg_text,
             )
             self._write(dest, source, part)
             self.records_out += len(part.changes)

@@ -16,12 +16,16 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 stamp=.venv/.dataflare-installed
-want=$(sha256sum pyproject.toml | cut -c1-16)
+# The C speedups (cdc/_speedups.c) are built by the editable install: rebuild on change.
+want=$(cat pyproject.toml cdc/_speedups.c | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
-        | grep -v -e '^WARNING: Location' -e 'BuildBackendWarning' || true
+    # (setuptools' warnings about the experimental ext-modules table go to the log)
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' \
+        >.venv/pip-install.log 2>&1 || { cat .venv/pip-install.log >&2; exit 1; }
     .venv/bin/python -c 'import dataflare.daemon.cli, psycopg, lmdb, msgpack, zstandard, textual'
+    .venv/bin/python -c 'import dataflare.cdc._speedups' \
+        || echo "warning: cdc/_speedups.c did not build; the pure-Python twins run" >&2
     echo "$want" > "$stamp"
 fi
 bash scripts/ensure-servers.sh

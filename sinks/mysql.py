@@ -465,8 +465,8 @@ class MysqlSink(TransactionalSqlSink):
                     f"DELETE FROM {t.ident} WHERE {lhs} IN ({marks})",
                     [v for k in part for v in k],
                 )
-        if seg.upserts:
-            self._insert_rows(t.insert_prefix, seg.upserts, t.upsert_suffix)
+        if seg.upserts or seg.inserts:
+            self._insert_rows(t.insert_prefix, seg.inserts + seg.upserts, t.upsert_suffix)
         for unchanged, rows in seg.partial.items():
             # Columns the source did not send (Postgres TOAST): update only the sent ones.
             names = schema.column_names

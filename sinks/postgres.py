@@ -54,6 +54,7 @@ from dataflare.cdc.postgres.types import TEXT_FORM_OIDS
 from dataflare.sinks.base import SinkContext
 from dataflare.sinks.configs import PostgresSinkConfig
 from dataflare.sinks.envelope import to_json
+from dataflare.sinks.pg_copy_text import copy_text
 from dataflare.sinks.sql_common import (
     InsertRows,
     KeyedSegment,
@@ -118,6 +119,15 @@ class _Table:
     partial_sql: dict[frozenset[str], sql.Composed] = field(default_factory=dict)
     staging_ddl: sql.Composed | None = None
     tx: abc.Transformer | None = None  # dumps single rows as text (keyless and move steps)
+    # Text-format COPY statements for rows that arrive as PostgreSQL text (Batch.pg_text).
+    copy_staging_text: sql.Composed | None = None
+    copy_target_text: sql.Composed | None = None
+    # Inserts are loaded straight into the target (no staging, no conflict check)
+    # unless a key turned out to exist; after such a miss, the next `direct_skip`
+    # segments go through the staging upsert (doubling with each miss).
+    direct_ok: bool = False  # an immediate unique index on the key guards plain loads
+    direct_misses: int = 0
+    direct_skip: int = 0
 
 
 class _NeverDumped:
@@ -184,10 +194,16 @@ def scrub(text: str, dsn: str) -> str:
 class PostgresSink(TransactionalSqlSink):
     label = "postgres destination"
 
+    @staticmethod
+    def takes_pg_text(config: PostgresSinkConfig) -> bool:
+        """Rows of PostgreSQL text (Batch.pg_text) are written as they are: text COPY."""
+        return config.mode == "upsert"
+
     def __init__(self, name: str, config: PostgresSinkConfig, ctx: SinkContext) -> None:
         self.name = name
         self.cfg = config
         self.mode = config.mode
+        self._raw = False  # the table being written has rows of PostgreSQL text
         self.ctx = ctx
         self.log = logger.bind(workflow=ctx.workflow, component=f"destination:{name}")
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
@@ -432,11 +448,12 @@ class PostgresSink(TransactionalSqlSink):
                 continue
             t = self._prepare(plan.schema)
             self._current = t.label
+            self._raw = plan.table in batch.pg_text
             for step in plan.steps:
                 if isinstance(step, KeyedSegment):
                     self._apply_segment(t, step)
                 elif isinstance(step, InsertRows):
-                    self._copy(t.copy_target, t.dump_oids, step.rows)
+                    self._copy_rows(t, False, step.rows)
                 elif isinstance(step, RowChange):
                     self._apply_row(t, step.change)
                 elif isinstance(step, Truncate):
@@ -451,7 +468,64 @@ class PostgresSink(TransactionalSqlSink):
             for row in rows:
                 copy.write_row(row)
 
+    def _copy_rows(self, t: _Table, staging: bool, rows: Sequence[Sequence[Any]]) -> None:
+        """COPY into the target (or its staging table: rows end with the kind)."""
+        if self._raw:
+            stmt = t.copy_staging_text if staging else t.copy_target_text
+            assert stmt is not None
+            with self._require().cursor() as cur, cur.copy(stmt) as copy:
+                copy.write(copy_text(rows))
+        elif staging:
+            self._copy(t.copy_staging, [*t.dump_oids, INT2_OID], rows)
+        else:
+            self._copy(t.copy_target, t.dump_oids, rows)
+
+    def _kind(self, k: int) -> Any:
+        return str(k).encode() if self._raw else k
+
     def _apply_segment(self, t: _Table, seg: KeyedSegment) -> None:
+        conn = self._require()
+        schema = t.schema
+        idx = schema.key_indexes()
+        ncols = len(schema.columns)
+        deletes: list[tuple[Any, ...]] = []
+        kind = self._kind(K_DELETE)
+        for key in seg.deletes:
+            row: list[Any] = [None] * ncols
+            for i, v in zip(idx, key, strict=True):
+                row[i] = v
+            deletes.append((*row, kind))
+        upserts = seg.upserts
+        if seg.inserts:
+            if t.direct_skip or not t.direct_ok:
+                t.direct_skip -= 1
+                upserts = upserts + seg.inserts
+            else:
+                if deletes:  # a key deleted, then inserted again: delete first
+                    self._stage(t, deletes)
+                    conn.execute(t.delete_sql or sql.SQL(""))
+                    deletes = []
+                if not self._insert_directly(t, seg.inserts):
+                    upserts = upserts + seg.inserts
+        kind = self._kind(K_UPSERT)
+        rows = list(deletes)
+        rows.extend((*r, kind) for r in upserts)
+        groups = list(seg.partial.items())
+        for g, (_, prow) in enumerate(groups):
+            kind = self._kind(K_PARTIAL + g)
+            rows.extend((*r, kind) for r in prow)
+        if not rows:
+            return
+        self._stage(t, rows)
+        if deletes:
+            conn.execute(t.delete_sql or sql.SQL(""))
+        if upserts:
+            conn.execute(t.upsert_sql or sql.SQL(""))
+        for g, (unchanged, _) in enumerate(groups):
+            conn.execute(self._partial_sql(t, unchanged), [K_PARTIAL + g])
+
+    def _stage(self, t: _Table, rows: list[tuple[Any, ...]]) -> None:
+        """Fill the table's staging table (emptied first if this transaction used it)."""
         conn = self._require()
         assert t.staging is not None and t.staging_ddl is not None
         sname = t.staging.as_string(conn)
@@ -461,26 +535,28 @@ class PostgresSink(TransactionalSqlSink):
         if sname in self._staging_used:
             conn.execute(sql.SQL("TRUNCATE {}").format(t.staging))
         self._staging_used.add(sname)
-        schema = t.schema
-        idx = schema.key_indexes()
-        ncols = len(schema.columns)
-        rows: list[tuple[Any, ...]] = []
-        for key in seg.deletes:
-            row: list[Any] = [None] * ncols
-            for i, v in zip(idx, key, strict=True):
-                row[i] = v
-            rows.append((*row, K_DELETE))
-        rows.extend((*r, K_UPSERT) for r in seg.upserts)
-        groups = list(seg.partial.items())
-        for g, (_, prow) in enumerate(groups):
-            rows.extend((*r, K_PARTIAL + g) for r in prow)
-        self._copy(t.copy_staging, [*t.dump_oids, INT2_OID], rows)
-        if seg.deletes:
-            conn.execute(t.delete_sql or sql.SQL(""))
-        if seg.upserts:
-            conn.execute(t.upsert_sql or sql.SQL(""))
-        for g, (unchanged, _) in enumerate(groups):
-            conn.execute(self._partial_sql(t, unchanged), [K_PARTIAL + g])
+        self._copy_rows(t, True, rows)
+
+    def _insert_directly(self, t: _Table, rows: list[Row]) -> bool:
+        """Load rows that were inserted at the source with a plain COPY into the
+        target, inside a savepoint: the fastest path there is. False (nothing written)
+        when a key exists, as after a snapshot overlap or in a target that already held
+        rows: the caller then upserts them, and the next few segments of the table skip
+        this attempt (twice as many after each miss)."""
+        conn = self._require()
+        # A savepoint by hand: conn.transaction() would commit when no transaction
+        # is open yet, and this batch's data commits only with its checkpoint.
+        conn.execute("SAVEPOINT dataflare_direct")
+        try:
+            self._copy_rows(t, False, rows)
+        except psycopg.errors.UniqueViolation:
+            conn.execute("ROLLBACK TO SAVEPOINT dataflare_direct")
+            t.direct_misses += 1
+            t.direct_skip = min(1 << t.direct_misses, 256)
+            return False
+        conn.execute("RELEASE SAVEPOINT dataflare_direct")
+        t.direct_misses = max(0, t.direct_misses - 1)
+        return True
 
     def _partial_sql(self, t: _Table, unchanged: frozenset[str]) -> sql.Composed:
         stmt = t.partial_sql.get(unchanged)
@@ -506,6 +582,8 @@ class PostgresSink(TransactionalSqlSink):
 
     def _row_params(self, t: _Table, row: Row) -> list[str | None]:
         """Values of a row as text, dumped for the target column types."""
+        if self._raw:
+            return [None if v is None else bytes(v).decode() for v in row]
         tx = t.tx
         if tx is None:
             tx = t.tx = Transformer(self._require())
@@ -618,6 +696,7 @@ class PostgresSink(TransactionalSqlSink):
         )
         fmt = sql.SQL(" (FORMAT BINARY)" if binary else "")
         t.copy_target = sql.SQL("COPY {} ({}) FROM STDIN{}").format(ident, colids, fmt)
+        t.copy_target_text = sql.SQL("COPY {} ({}) FROM STDIN").format(ident, colids)
         if schema.key:
             layout = repr((tschema, tname, [(c.name, c.base_decl) for c in tcols], schema.key))
             digest = hashlib.sha1(layout.encode()).hexdigest()[:20]
@@ -632,8 +711,12 @@ class PostgresSink(TransactionalSqlSink):
                 ),
                 sql.Identifier(KIND_COLUMN),
             )
+            t.direct_ok = self._key_is_unique(ident, schema.key)
             t.copy_staging = sql.SQL("COPY {} ({}, {}) FROM STDIN{}").format(
                 t.staging, colids, sql.Identifier(KIND_COLUMN), fmt
+            )
+            t.copy_staging_text = sql.SQL("COPY {} ({}, {}) FROM STDIN").format(
+                t.staging, colids, sql.Identifier(KIND_COLUMN)
             )
             kind = sql.Identifier(KIND_COLUMN)
             t.delete_sql = sql.SQL(
@@ -664,6 +747,24 @@ class PostgresSink(TransactionalSqlSink):
             )
         self._tables[schema.table] = t
         return t
+
+    def _key_is_unique(self, ident: sql.Identifier, key: Sequence[str]) -> bool:
+        """Does an immediate, total unique index cover exactly the key? Only then can
+        a plain COPY of inserts be trusted to fail on a key that exists."""
+        conn = self._require()
+        row = conn.execute(
+            """
+            SELECT EXISTS (
+                SELECT 1 FROM pg_index i
+                WHERE i.indrelid = %s::regclass AND i.indisunique AND i.indimmediate
+                  AND i.indpred IS NULL AND i.indexprs IS NULL
+                  AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text COLLATE "C")
+                       FROM pg_attribute a
+                       WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)) = %s)
+            """,
+            (ident.as_string(conn), sorted(key)),
+        ).fetchone()
+        return bool(row and row[0])
 
     def _target_columns(self, tschema: str, tname: str) -> list[_TargetColumn]:
         rows = (

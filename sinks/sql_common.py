@@ -38,9 +38,18 @@ class KeyedSegment:
     deletes: list[Row] = field(default_factory=list)  # key tuples
     upserts: list[Row] = field(default_factory=list)  # full rows
     partial: dict[frozenset[str], list[Row]] = field(default_factory=dict)  # rows
+    # Full rows whose last change was an insert (or a snapshot read): upserts that
+    # most likely find no row of their key, so a destination may try a plain load
+    # first (and upsert them when a key turns out to exist).
+    inserts: list[Row] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.deletes) + len(self.upserts) + sum(len(r) for r in self.partial.values())
+        return (
+            len(self.deletes)
+            + len(self.upserts)
+            + len(self.inserts)
+            + sum(len(r) for r in self.partial.values())
+        )
 
 
 @dataclass(slots=True)
@@ -100,18 +109,20 @@ class _KeyedPlanner:
         self.ncols = len(self.names)
         self.single = self.idx[0] if len(self.idx) == 1 else -1
         self.steps: list[Step] = []
-        # key -> (final row or None for deleted, key tuple, unchanged columns)
-        self.state: dict[Any, tuple[Row | None, Row, frozenset[str]]] = {}
+        # key -> (final row or None for deleted, key tuple, unchanged columns, an insert?)
+        self.state: dict[Any, tuple[Row | None, Row, frozenset[str], bool]] = {}
 
     def flush(self) -> None:
         if not self.state:
             return
         seg = KeyedSegment()
-        for row, key, unchanged in self.state.values():
+        for row, key, unchanged, inserted in self.state.values():
             if row is None:
                 seg.deletes.append(key)
             elif unchanged:
                 seg.partial.setdefault(unchanged, []).append(row)
+            elif inserted:
+                seg.inserts.append(row)
             else:
                 seg.upserts.append(row)
         self.steps.append(seg)
@@ -128,10 +139,12 @@ class _KeyedPlanner:
             i = self.single
             key = (row[i],) if i >= 0 else tuple(row[j] for j in self.idx)
             if len(row) == self.ncols and (op is not Op.UPDATE or c.key is None or c.key == key):
+                # An insert after a delete of its key in this run is a replacement.
+                entry = (row, key, _NOTHING, op is not Op.UPDATE and key not in self.state)
                 try:
-                    self.state[key] = (row, key, _NOTHING)
+                    self.state[key] = entry
                 except TypeError:
-                    self.state[repr(key)] = (row, key, _NOTHING)
+                    self.state[repr(key)] = entry
                 return
         self._add(c)
 
@@ -142,7 +155,7 @@ class _KeyedPlanner:
                 if c.before is None:
                     raise _bad(c, "a delete without key or old row")
                 key = _key_of(c.before, self.idx)
-            self.state[_hashable(key)] = (None, tuple(key), frozenset())
+            self.state[_hashable(key)] = (None, tuple(key), _NOTHING, False)
             return
         row = c.after
         if row is None:
@@ -178,8 +191,10 @@ class _KeyedPlanner:
                 self.flush()
                 self.steps.append(RowChange(c))
                 return
-            self.state[hk_old] = (None, old_key, frozenset())
-        self.state[_hashable(new_key)] = (row, new_key, unchanged)
+            self.state[hk_old] = (None, old_key, _NOTHING, False)
+        hk_new = _hashable(new_key)
+        inserted = c.op is not Op.UPDATE and hk_new not in self.state
+        self.state[hk_new] = (row, new_key, unchanged, inserted)
 
 
 def _bad(c: Change, what: str) -> FatalError:

@@ -12,8 +12,9 @@ Reference: PostgreSQL docs, "Logical Replication Message Formats".
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from dataflare.cdc.errors import FatalError
 
@@ -243,9 +244,14 @@ def _relation(r: _Reader) -> Relation:
 _I32_PAIR = struct.Struct(">ii")
 
 
-def _tuple_at(buf: bytes, pos: int) -> tuple[TupleData, int]:
+def _py_tuple_at(
+    buf: bytes | memoryview, pos: int, unchanged: Any = UNCHANGED
+) -> tuple[TupleData, int]:
     """TupleData at ``pos`` -> (values, end). Raises IndexError/struct.error/ValueError
-    on malformed input (the caller re-decodes slowly for a precise message)."""
+    on malformed input (the caller re-decodes slowly for a precise message). The C
+    twin (``cdc/_speedups.c``) is used when built."""
+    if type(buf) is not bytes:
+        buf = bytes(buf)
     n = (buf[pos] << 8) | buf[pos + 1]
     if n & 0x8000:
         raise ValueError
@@ -266,11 +272,18 @@ def _tuple_at(buf: bytes, pos: int) -> tuple[TupleData, int]:
             append(None)
             pos += 1
         elif kind == 0x75:  # 'u'
-            append(UNCHANGED)
+            append(unchanged)
             pos += 1
         else:
             raise ValueError
     return tuple(out), pos
+
+
+_tuple_at: Callable[[bytes | memoryview, int, Any], tuple[TupleData, int]]
+try:
+    from dataflare.cdc._speedups import tuple_at as _tuple_at
+except ImportError:  # not built: the pure-Python twin
+    _tuple_at = _py_tuple_at
 
 
 _U32_AT = _U32.unpack_from
@@ -285,28 +298,83 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     try:
         tag = buf[0]
         if tag == 0x49 and buf[5] == 0x4E:  # 'I' ... 'N'
-            new, end = _tuple_at(buf, 6)
+            new, end = _tuple_at(buf, 6, UNCHANGED)
             if end == len(buf):
                 return _new(Insert, (_U32_AT(buf, 1)[0], new))
         elif tag == 0x55:  # 'U'
             kind = buf[5]
             if kind == 0x4E:
-                new, end = _tuple_at(buf, 6)
+                new, end = _tuple_at(buf, 6, UNCHANGED)
                 if end == len(buf):
                     return _new(Update, (_U32_AT(buf, 1)[0], None, False, new))
             elif kind in (0x4B, 0x4F):
-                old, end = _tuple_at(buf, 6)
+                old, end = _tuple_at(buf, 6, UNCHANGED)
                 if buf[end] == 0x4E:
-                    new, end2 = _tuple_at(buf, end + 1)
+                    new, end2 = _tuple_at(buf, end + 1, UNCHANGED)
                     if end2 == len(buf):
                         return _new(Update, (_U32_AT(buf, 1)[0], old, kind == 0x4B, new))
         elif tag == 0x44 and buf[5] in (0x4B, 0x4F):  # 'D'
-            old, end = _tuple_at(buf, 6)
+            old, end = _tuple_at(buf, 6, UNCHANGED)
             if end == len(buf):
                 return _new(Delete, (_U32_AT(buf, 1)[0], old, buf[5] == 0x4B))
     except (IndexError, struct.error, ValueError):
         pass
     return _decode_careful(buf)
+
+
+# (tag, relid, old, new); in packed records a False in `new` marks an unchanged value
+RowRecord = tuple[int, int, tuple[Any, ...] | None, tuple[Any, ...] | None]
+
+
+def decode_row(buf: bytes | memoryview, start: int, unchanged: Any = UNCHANGED) -> RowRecord | None:
+    """The Insert, Update or Delete at ``buf[start:]`` as ``(tag, relid, old, new)``
+    (old: the key or old row if sent; new: None for a delete), without a message
+    object; None when it is not such a message or is malformed (:func:`decode`
+    then says what is wrong)."""
+    try:
+        tag = buf[start]
+        relid = _U32_AT(buf, start + 1)[0]
+        kind = buf[start + 5]
+        if tag == 0x49 and kind == 0x4E:  # 'I' ... 'N'
+            new, end = _tuple_at(buf, start + 6, unchanged)
+            if end == len(buf):
+                return (tag, relid, None, new)
+        elif tag == 0x55:  # 'U'
+            if kind == 0x4E:
+                new, end = _tuple_at(buf, start + 6, unchanged)
+                if end == len(buf):
+                    return (tag, relid, None, new)
+            elif kind in (0x4B, 0x4F):
+                old, end = _tuple_at(buf, start + 6, unchanged)
+                if buf[end] == 0x4E:
+                    new, end = _tuple_at(buf, end + 1, unchanged)
+                    if end == len(buf):
+                        return (tag, relid, old, new)
+        elif tag == 0x44 and kind in (0x4B, 0x4F):  # 'D'
+            old, end = _tuple_at(buf, start + 6, unchanged)
+            if end == len(buf):
+                return (tag, relid, old, None)
+    except (IndexError, struct.error, ValueError):
+        pass
+    return None
+
+
+def _py_decode_rows(messages: Sequence[bytes], unchanged: Any) -> list[RowRecord]:
+    """Insert/Update/Delete messages as records (the C twin's contract)."""
+    out = []
+    for i, m in enumerate(messages):
+        rec = decode_row(m, 0, unchanged) if type(m) is bytes else None
+        if rec is None:
+            raise ValueError(f"message {i} is not a well-formed row change")
+        out.append(rec)
+    return out
+
+
+decode_rows: Callable[[Sequence[bytes], Any], list[RowRecord]]
+try:
+    from dataflare.cdc._speedups import decode_rows
+except ImportError:  # not built: the pure-Python twin
+    decode_rows = _py_decode_rows
 
 
 def _decode_careful(buf: bytes) -> Message:

@@ -25,6 +25,7 @@ def replication_conninfo(dsn: str, connect_timeout: float = 10.0) -> str:
     opts = str(params.get("options") or "")
     params["options"] = f"{opts} {PINNED_OPTIONS}".strip()
     params["replication"] = "database"
+    params["client_encoding"] = "UTF8"  # text values pass on as UTF-8 (Batch.pg_text)
     params.setdefault("connect_timeout", str(max(1, int(connect_timeout))))
     params.setdefault("application_name", "dataflare")
     return make_conninfo("", **params)

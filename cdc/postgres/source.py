@@ -18,17 +18,31 @@ has checkpointed any of it).
 from __future__ import annotations
 
 import contextlib
+import operator
 import struct
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import psycopg
 from dataflare.cdc.errors import ConfigError, FatalError, RetryableError
-from dataflare.cdc.model import Batch, Change, Column, Op, Position, Row, TableId, TableSchema
+from dataflare.cdc.model import (
+    Batch,
+    Change,
+    Column,
+    Op,
+    Packed,
+    Position,
+    Row,
+    TableId,
+    TableSchema,
+)
 from dataflare.cdc.postgres import pgoutput as po
 from dataflare.cdc.postgres.config import PostgresSourceConfig
+from dataflare.cdc.postgres.packed import DECODER as PACKED_DECODER
+from dataflare.cdc.postgres.packed import pack
 from dataflare.cdc.postgres.replication import (
     PINNED_OPTIONS,
     CommandError,
@@ -47,6 +61,18 @@ READ_BURST = 512  # messages taken from libpq between clock and status checks
 _U64_AT = struct.Struct(">Q").unpack_from
 _new_tuple = tuple.__new__  # Change is a NamedTuple: skip its Python-level __new__
 _NONE: frozenset[str] = frozenset()
+_U32_AT = struct.Struct(">I").unpack_from
+# Packed mode (Batch.packed): row messages kept as bytes, keyed by their tag byte.
+_ROW_TAGS = frozenset((0x49, 0x55, 0x44))  # 'I', 'U', 'D'
+_TRUNCATE_TAG = 0x54
+_OP_OF_TAG = {0x49: Op.INSERT, 0x55: Op.UPDATE, 0x44: Op.DELETE, _TRUNCATE_TAG: Op.TRUNCATE}
+_TABLE_TAG = operator.itemgetter(2, 0)  # (relid, tag) of a packed _Pending
+_MESSAGE = operator.itemgetter(3)
+
+
+def _messages(pending: list[_Pending]) -> list[Any]:
+    """A transaction's packed messages: pgoutput bytes, or the relid of a truncate."""
+    return list(map(_MESSAGE, pending))
 
 
 @dataclass
@@ -56,13 +82,17 @@ class _Relation:
     tx: abc.Transformer
     key_idx: tuple[int, ...]
     loader_oids: list[int]
+    relid: int = 0
 
 
 class _Pending(NamedTuple):
-    op: Op
+    """A change of the open transaction. Packed mode: (tag byte, relation, relid,
+    pgoutput message bytes or a truncated relid, nothing)."""
+
+    op: Any  # Op; a pgoutput tag byte in packed mode
     rel: _Relation
-    before: Row | None
-    after: Row | None
+    before: Any  # Row | None; the relid in packed mode
+    after: Any  # Row | None; the message in packed mode
     unchanged: frozenset[str]
 
 
@@ -152,9 +182,14 @@ class PostgresSource:
         self._begin: po.Begin | None = None
         self._txn: list[_Pending] = []
         self._ready: list[Change] = []
+        self._ready_count = 0  # changes ready (in _ready, or packed in _ready_txns)
+        self._ready_txns: list[list[Any]] = []  # packed: [end_lsn, tag, xid, ts, messages]
+        self._ready_counts: Counter[tuple[int, int]] = Counter()  # packed: (relid, tag)
         self._ready_last: Position | None = None  # set while a complete batch is ready
         self._spilled = False  # the open transaction was partly sent already
-        self._ready_schemas: dict[TableId, TableSchema] = {}  # layouts of the ready changes
+        self._ready_rels: dict[TableId, _Relation] = {}  # layouts of the ready changes
+        # Rows travel as pgoutput text (Batch.pg_text) when every destination takes them.
+        self._pg_text = self.ctx.pg_text
         self._queue: deque[Batch] = deque()  # batches cut at a layout change, sent first
         self._sent_txns: deque[tuple[int, int]] = deque()  # (end_lsn, commit_ts_us) not confirmed
         self._last_sent_end = 0
@@ -624,14 +659,14 @@ class PostgresSource:
         tx.set_loader_types(loader_oids, pq.Format.TEXT)
         names = schema.column_names
         self._relations[msg.relid] = _Relation(
-            schema, oids, tx, tuple(names.index(k) for k in key), loader_oids
+            schema, oids, tx, tuple(names.index(k) for k in key), loader_oids, msg.relid
         )
 
     def _cut_at_layout_change(self, table: TableId) -> None:
         """A batch has one layout per table: changes buffered under the old layout
         leave in batches of their own before any change in the new one."""
         in_txn = any(p.rel.schema.table == table for p in self._txn)
-        in_ready = any(c.table == table for c in self._ready)
+        in_ready = table in self._ready_rels
         if (in_txn or in_ready) and self._ready_last is not None:
             self._queue.append(self._take_ready())
         if in_txn:  # DDL inside the transaction: its first part goes out incomplete
@@ -665,6 +700,8 @@ class PostgresSource:
             names = rel.schema.column_names
             unchanged = frozenset(names[i] for i, v in enumerate(data) if v is po.UNCHANGED)
             values = [v if isinstance(v, bytes) else None for v in data]
+        if self._pg_text:  # the text form travels as it is (Batch.pg_text)
+            return tuple(values), unchanged
         try:
             return tuple(rel.tx.load_sequence(values)), unchanged
         except psycopg.DataError:  # 'infinity', BC or year > 9999: those values stay text
@@ -686,7 +723,7 @@ class PostgresSource:
             now = time.monotonic()
             self._maybe_send_status(now)
             if self._ready_last is not None and (
-                len(self._ready) >= self.cfg.batch_size
+                self._ready_count >= self.cfg.batch_size
                 or (first_at is not None and now - first_at >= self.cfg.batch_timeout)
             ):
                 return self._take_ready()
@@ -699,15 +736,27 @@ class PostgresSource:
                 return self._take_ready() if self._ready_last is not None else None
             handle = self._handle
             decode = po.decode
+            raw = self._pg_text
+            relations = self._relations
+            txn_append = self._txn.append
             burst = self._repl.read_many(min(wait, self.cfg.status_interval), READ_BURST)
             for data in burst:
                 tag = data[0]
                 if tag == 0x77:  # XLogData: start, end, send time, then one pgoutput message
-                    wal_end = _U64_AT(data, 9)[0]
-                    if wal_end > self._server_wal_end:
-                        self._server_wal_end = wal_end
-                    if handle(decode(data[25:])) and first_at is None:
-                        first_at = time.monotonic()
+                    if raw and data[25] in _ROW_TAGS:
+                        # Kept as the server sent it; split by the apply process
+                        # (cdc.postgres.packed), one C call per transaction.
+                        relid = _U32_AT(data, 26)[0]
+                        rel = relations.get(relid) or self._rel(relid)
+                        entry = (data[25], rel, relid, data[25:].tobytes(), _NONE)
+                        txn_append(_new_tuple(_Pending, entry))
+                        continue
+                    if handle(decode(data[25:])):
+                        txn_append = self._txn.append  # a commit swapped the buffer
+                        if first_at is None:
+                            first_at = time.monotonic()
+                    elif data[25] == 0x42:  # Begin swapped the buffer
+                        txn_append = self._txn.append
                 else:
                     msg = po.decode_copy(data)
                     if isinstance(msg, po.Keepalive):
@@ -715,6 +764,10 @@ class PostgresSource:
                         self._keepalive_end = max(self._keepalive_end, msg.wal_end)
                         if msg.reply_requested:
                             self._next_status = 0.0
+            for data in reversed(burst):  # the server's WAL end, for lag in bytes
+                if data[0] == 0x77:
+                    self._server_wal_end = max(self._server_wal_end, _U64_AT(data, 9)[0])
+                    break
             if (
                 burst
                 and len(burst) < READ_BURST
@@ -752,7 +805,11 @@ class PostgresSource:
             self._on_relation(msg)
         elif isinstance(msg, po.Truncate):
             for relid in msg.relids:
-                self._txn.append(_Pending(Op.TRUNCATE, self._rel(relid), None, None, frozenset()))
+                rel = self._rel(relid)
+                if self._pg_text:
+                    self._txn.append(_Pending(_TRUNCATE_TAG, rel, relid, relid, _NONE))
+                else:
+                    self._txn.append(_Pending(Op.TRUNCATE, rel, None, None, frozenset()))
         return False
 
     def _rel(self, relid: int) -> _Relation:
@@ -787,10 +844,14 @@ class PostgresSource:
         # A spilled transaction always ends with a complete batch, even an empty one.
         pos = Position(KIND, msg.end_lsn)
         for p in pending:
-            self._ready_schemas[p.rel.schema.table] = p.rel.schema
-        self._ready.extend(
-            self._changes(pending, pos, begin.xid if begin else None, msg.commit_ts_us)
-        )
+            self._ready_rels[p.rel.schema.table] = p.rel
+        xid = begin.xid if begin else None
+        if self._pg_text:
+            self._ready_txns.append([msg.end_lsn, "", xid, msg.commit_ts_us, _messages(pending)])
+            self._ready_counts.update(map(_TABLE_TAG, pending))
+        else:
+            self._ready.extend(self._changes(pending, pos, xid, msg.commit_ts_us))
+        self._ready_count += len(pending)
         self._ready_last = pos
         self._sent_txns.append((msg.end_lsn, msg.commit_ts_us))
         return True
@@ -800,10 +861,40 @@ class PostgresSource:
         assert self._ready_last is not None
         last, self._ready_last = self._ready_last, None
         self._last_sent_end = max(self._last_sent_end, last.value)
-        schemas = [s for _, s in sorted(self._ready_schemas.items())]
-        self._ready_schemas = {}
+        rels = [r for _, r in sorted(self._ready_rels.items())]
+        self._ready_rels = {}
+        count, self._ready_count = self._ready_count, 0
+        schemas = [r.schema for r in rels]
+        if self._pg_text:
+            txns, self._ready_txns = self._ready_txns, []
+            counts, self._ready_counts = self._ready_counts, Counter()
+            first = Position(KIND, txns[0][0]) if txns else last
+            packed = self._pack(rels, schemas, txns, count, counts)
+            return Batch([], schemas, first, last, True, pg_text=self._texts(rels), packed=packed)
         first = changes[0].position if changes else last
         return Batch(changes, schemas, first, last, complete=True)
+
+    @staticmethod
+    def _pack(
+        rels: list[_Relation],
+        schemas: list[TableSchema],
+        txns: list[list[Any]],
+        count: int,
+        counts: Counter[tuple[int, int]],
+    ) -> Packed:
+        index = {s.table: i for i, s in enumerate(schemas)}
+        relids = [[r.relid, index[r.schema.table]] for r in rels]
+        tables = {r.relid: r.schema.table for r in rels}
+        tally: dict[tuple[TableId, Op], int] = {}
+        for (relid, tag), n in counts.items():
+            k = (tables[relid], _OP_OF_TAG[tag])
+            tally[k] = tally.get(k, 0) + n
+        return Packed(PACKED_DECODER, count, pack(relids, txns), tally)
+
+    def _texts(self, rels: Iterable[_Relation]) -> dict[TableId, tuple[int, ...]]:
+        if not self._pg_text:
+            return {}
+        return {r.schema.table: tuple(r.loader_oids) for r in rels}
 
     def _spill(self) -> Batch:
         """Part of a transaction too large to hold: sent as an incomplete batch."""
@@ -811,9 +902,24 @@ class PostgresSource:
         pending, self._txn = self._txn, []
         self._spilled = True
         pos = Position(KIND, self._begin.final_lsn + 1, "partial")
+        rels = [r for _, r in sorted({p.rel.schema.table: p.rel for p in pending}.items())]
+        schemas = [r.schema for r in rels]
+        if self._pg_text:
+            txn = [
+                pos.value,
+                pos.tag,
+                self._begin.xid,
+                self._begin.commit_ts_us,
+                _messages(pending),
+            ]
+            packed_rows = self._pack(
+                rels, schemas, [txn], len(pending), Counter(map(_TABLE_TAG, pending))
+            )
+            return Batch(
+                [], schemas, pos, pos, False, pg_text=self._texts(rels), packed=packed_rows
+            )
         changes = self._changes(pending, pos, self._begin.xid, self._begin.commit_ts_us)
-        schemas = {p.rel.schema.table: p.rel.schema for p in pending}
-        return Batch(changes, [s for _, s in sorted(schemas.items())], pos, pos, complete=False)
+        return Batch(changes, schemas, pos, pos, complete=False)
 
     def _idle(self) -> bool:
         return (

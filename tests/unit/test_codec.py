@@ -637,7 +637,7 @@ def one_change(**fields: Any) -> bytes:
         (frame([1, True], []), "header is not an 8-element array"),
         (frame([-1, True, "p", 1, "", "p", 1, ""], []), "bad change count"),
         (frame([0, True, "p", 1.5, "", "p", 1, ""], []), "bad position"),
-        (frame([0, True, "p", 1, "", "p", 1, ""], [[], []]), "body is not a 3-element array"),
+        (frame([0, True, "p", 1, "", "p", 1, ""], [[], []]), "body is not a 3- to 5-element array"),
         (frame([1, True, "p", 1, "", "p", 1, ""], [[], [], []]), "header counts 1 changes"),
         (frame([0, True, "p", 1, "", "p", 1, ""], [[["s"]], [], []]), "bad table schema"),
         (

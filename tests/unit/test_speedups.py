@@ -1,0 +1,200 @@
+"""The C twins (cdc/_speedups.c) agree with their pure-Python versions, on
+well-formed input and on anything at all; and packed batches cross the codec."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import pytest
+from dataflare.cdc import _speedups
+from dataflare.cdc.codec import decode_batch, encode_batch
+from dataflare.cdc.errors import FatalError
+from dataflare.cdc.model import Batch, Column, Op, Packed, Position, TableId, TableSchema
+from dataflare.cdc.postgres import pgoutput as po
+from dataflare.cdc.postgres.packed import DECODER, pack
+from dataflare.sinks.pg_copy_text import copy_text, py_copy_text
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+VALUE = st.one_of(st.none(), st.just(po.UNCHANGED), st.binary(max_size=12))
+
+
+def tuple_data(values: list[Any]) -> bytes:
+    out = [struct.pack(">h", len(values))]
+    for v in values:
+        if v is None:
+            out.append(b"n")
+        elif v is po.UNCHANGED:
+            out.append(b"u")
+        else:
+            out.append(b"t" + struct.pack(">i", len(v)) + v)
+    return b"".join(out)
+
+
+def outcome(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except (IndexError, struct.error, ValueError):
+        return "error"
+
+
+def test_the_c_twins_are_in_use() -> None:
+    """CI builds the extension (pip install -e .): the fast path is what runs."""
+    assert po._tuple_at is _speedups.tuple_at
+    assert po.decode_rows is _speedups.decode_rows
+    assert copy_text is _speedups.copy_text
+
+
+@given(st.binary(max_size=60), st.integers(0, 64))
+def test_tuple_at_agrees_on_any_bytes(buf: bytes, pos: int) -> None:
+    assert outcome(_speedups.tuple_at, buf, pos, po.UNCHANGED) == outcome(
+        po._py_tuple_at, buf, pos, po.UNCHANGED
+    )
+
+
+@given(st.lists(VALUE, max_size=10), st.binary(max_size=3), st.binary(max_size=3))
+def test_tuple_at_agrees_on_tuples(values: list[Any], head: bytes, tail: bytes) -> None:
+    buf = head + tuple_data(values) + tail
+    got = _speedups.tuple_at(buf, len(head), po.UNCHANGED)
+    assert got == po._py_tuple_at(buf, len(head), po.UNCHANGED)
+    assert got == (tuple(values), len(buf) - len(tail))
+    # truncated anywhere: both refuse
+    for cut in range(len(head), len(buf) - len(tail)):
+        assert outcome(_speedups.tuple_at, buf[:cut], len(head), 0) == "error"
+        assert outcome(po._py_tuple_at, buf[:cut], len(head), 0) == "error"
+
+
+ROW_MESSAGE = st.one_of(
+    st.builds(
+        lambda relid, new: b"I" + struct.pack(">I", relid) + b"N" + tuple_data(new),
+        st.integers(0, 2**32 - 1),
+        st.lists(VALUE, max_size=5),
+    ),
+    st.builds(
+        lambda relid, kind, old, new: (
+            b"U"
+            + struct.pack(">I", relid)
+            + (kind + tuple_data(old) if kind else b"")
+            + b"N"
+            + tuple_data(new)
+        ),
+        st.integers(0, 2**32 - 1),
+        st.sampled_from([b"", b"K", b"O"]),
+        st.lists(VALUE, max_size=5),
+        st.lists(VALUE, max_size=5),
+    ),
+    st.builds(
+        lambda relid, kind, old: b"D" + struct.pack(">I", relid) + kind + tuple_data(old),
+        st.integers(0, 2**32 - 1),
+        st.sampled_from([b"K", b"O"]),
+        st.lists(VALUE, max_size=5),
+    ),
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.one_of(ROW_MESSAGE, st.binary(max_size=30)), max_size=6), st.data())
+def test_decode_rows_agrees(messages: list[bytes], data: st.DataObject) -> None:
+    if messages and data.draw(st.booleans()):  # cut one message short
+        i = data.draw(st.integers(0, len(messages) - 1))
+        messages[i] = messages[i][: data.draw(st.integers(0, max(0, len(messages[i]) - 1)))]
+    c = outcome(_speedups.decode_rows, messages, po.UNCHANGED)
+    assert c == outcome(po._py_decode_rows, messages, po.UNCHANGED)
+    if c != "error":  # and each record is what the message decoder reads
+        for m, (tag, relid, old, new) in zip(messages, c, strict=True):
+            msg: Any = po.decode(m)
+            assert (tag, relid) == (m[0], msg.relid)
+            assert new == (None if isinstance(msg, po.Delete) else msg.new)
+            assert old == (None if isinstance(msg, po.Insert) else msg.old)
+
+
+def test_decode_rows_refuses_other_messages() -> None:
+    with pytest.raises(ValueError, match="message 1 is not"):
+        _speedups.decode_rows([b"I\x00\x00\x00\x01N\x00\x00", b"B" + b"\x00" * 20], None)
+    with pytest.raises(ValueError):
+        _speedups.decode_rows(["I"], None)  # type: ignore[list-item]
+
+
+TEXT = st.binary(max_size=12).filter(lambda b: b"\x00" not in b)  # PostgreSQL text: no NUL
+
+
+@given(st.lists(st.lists(st.one_of(st.none(), TEXT), max_size=6), max_size=8))
+def test_copy_text_agrees(rows: list[list[bytes | None]]) -> None:
+    assert _speedups.copy_text(rows) == py_copy_text(rows)
+
+
+def test_copy_text_format() -> None:
+    rows = [(b"1", None, b"a\\b\tc\nd\re"), (b"",), ()]
+    want = b"1\t\\N\ta\\\\b\\tc\\nd\\re\n\n\n"
+    assert _speedups.copy_text(rows) == py_copy_text(rows) == want
+    assert _speedups.copy_text([]) == b""
+    with pytest.raises(TypeError, match="not bytes"):
+        _speedups.copy_text([("text",)])
+
+
+# ----------------------------------------------------------------- packed batches
+
+T = TableId("public", "t")
+SCHEMA = TableSchema(T, (Column("id", "bigint", False, 20), Column("v", "text", True, 25)), ("id",))
+
+
+def packed_batch(txns: list[list[Any]], count: int, relids: Any = None) -> Batch:
+    relids = [[16384, 0]] if relids is None else relids
+    last = Position("postgres", txns[-1][0])
+    return Batch(
+        [],
+        [SCHEMA],
+        Position("postgres", txns[0][0]),
+        last,
+        pg_text={T: (20, 25)},
+        packed=Packed(DECODER, count, pack(relids, txns), {(T, Op.INSERT): count}),
+    )
+
+
+def ins(i: int, v: bytes | None) -> bytes:
+    return b"I" + struct.pack(">I", 16384) + b"N" + tuple_data([str(i).encode(), v])
+
+
+def test_packed_batch_round_trip() -> None:
+    upd = b"U" + struct.pack(">I", 16384) + b"K" + tuple_data([b"1", None])
+    upd += b"N" + tuple_data([b"2", po.UNCHANGED])
+    dele = b"D" + struct.pack(">I", 16384) + b"K" + tuple_data([b"2", None])
+    b = packed_batch(
+        [
+            [100, "", 7, 1_000, [ins(1, b"a"), ins(3, None)]],
+            [200, "", 8, 2_000, [upd, dele, 16384]],
+        ],
+        5,
+    )
+    assert len(b) == 5
+    got = decode_batch(encode_batch(b))
+    assert got.pg_text == {T: (20, 25)} and got.packed is None
+    c = got.changes
+    assert [x.op for x in c] == [Op.INSERT, Op.INSERT, Op.UPDATE, Op.DELETE, Op.TRUNCATE]
+    assert c[0].after == (b"1", b"a") and c[0].key == (b"1",) and c[0].xid == 7
+    assert c[1].after == (b"3", None) and c[1].position == Position("postgres", 100)
+    assert c[2].before == (b"1", None) and c[2].after == (b"2", None) and c[2].key == (b"2",)
+    assert c[2].unchanged == frozenset({"v"}) and c[2].commit_ts_us == 2_000
+    assert c[3].before == (b"2", None) and c[3].after is None and c[3].key == (b"2",)
+    assert c[4].table == T and c[4].position == Position("postgres", 200)
+
+
+@pytest.mark.parametrize(
+    ("txns", "count", "relids", "match"),
+    [
+        ([[1, "", None, None, [ins(1, b"a")]]], 2, None, "header counts 2 changes, 1 unpacked"),
+        ([[1, "", None, None, [ins(1, b"a")]]], 1, [[16384, 3]], "names no table layout"),
+        ([[1, "", None, None, [ins(1, b"a")]]], 1, [[99, 0]], "relation 16384"),
+        ([[1, "", None, None, [ins(1, b"a")[:-1]]]], 1, None, "malformed pgoutput I message"),
+        ([[1, "", None, None, [b"B" + b"\x00" * 20]]], 1, None, "not a row change"),
+        ([[1, "", None, None, [77]]], 1, None, "truncate of unknown relation 77"),
+        ([[1, "", "x", None, []]], 0, None, "bad xid"),
+    ],
+)
+def test_bad_packed_batches_are_refused(
+    txns: list[list[Any]], count: int, relids: Any, match: str
+) -> None:
+    frame = encode_batch(packed_batch(txns, count, relids))
+    with pytest.raises(FatalError, match=match):
+        decode_batch(frame)
