@@ -21,6 +21,7 @@ columns) are kept as single-row steps, in order, between segments.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -233,6 +234,54 @@ class _KeylessPlanner:
             self.steps.append(RowChange(c))
 
 
+_OP = operator.itemgetter(0)
+_TABLE = operator.itemgetter(1)
+_KEY = operator.itemgetter(3)
+_FIRST = operator.itemgetter(0)
+_BEFORE = operator.itemgetter(4)
+_AFTER = operator.itemgetter(5)
+_UNCHANGED = operator.itemgetter(6)
+_INSERTS = frozenset({Op.INSERT, Op.READ})
+
+
+def _plan_one_kind(
+    changes: Sequence[Change], schemas: dict[TableId, TableSchema]
+) -> list[TablePlan] | None:
+    """The plan of a catch-up's typical batch, made in C-speed passes: one keyed
+    table, only inserts (or only updates of full rows, keys unchanged), each key
+    once. None for anything else (the coalescing planner takes it)."""
+    tables = set(map(_TABLE, changes))
+    if len(tables) != 1:
+        return None
+    table = next(iter(tables))
+    schema = schemas.get(table)
+    if schema is None or len(schema.key) != 1:
+        return None
+    ops = set(map(_OP, changes))
+    inserts = ops <= _INSERTS
+    if not inserts and (ops != {Op.UPDATE} or any(map(_UNCHANGED, changes))):
+        return None
+    if set(map(_BEFORE, changes)) != {None}:
+        return None  # old rows or keys: key updates, identity full
+    rows = list(map(_AFTER, changes))
+    if set(map(len, rows)) != {len(schema.columns)}:
+        return None
+    keys = list(map(operator.itemgetter(schema.key_indexes()[0]), rows))
+    try:
+        if len(set(keys)) != len(keys):
+            return None  # a key changed twice: coalesce
+    except TypeError:
+        return None  # unhashable key values (arrays, json)
+    if not inserts:  # an update's own key (if given) must be its row's: no key change
+        try:
+            if list(map(_FIRST, map(_KEY, changes))) != keys:
+                return None
+        except TypeError:
+            return None  # an update without key: the coalescing planner checks it
+    seg = KeyedSegment(inserts=rows) if inserts else KeyedSegment(upserts=rows)
+    return [TablePlan(table, schema, [seg], len(changes))]
+
+
 def plan_batch(
     changes: Iterable[Change],
     schemas: dict[TableId, TableSchema],
@@ -243,6 +292,10 @@ def plan_batch(
     ``known`` holds layouts seen in earlier batches, used for tables a batch touches
     without describing them.
     """
+    if isinstance(changes, list) and changes:
+        fast = _plan_one_kind(changes, schemas)
+        if fast is not None:
+            return fast
     planners: dict[TableId, _KeyedPlanner | _KeylessPlanner | None] = {}
     plans: dict[TableId, TablePlan] = {}
     last: TableId | None = None

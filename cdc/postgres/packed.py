@@ -61,7 +61,8 @@ def unpack_changes(payload: Any, schemas: Sequence[TableSchema]) -> list[Change]
     raw_rels, blob = payload
     if type(raw_rels) is not list:
         raise _corrupt("bad relations")
-    rels: dict[int, tuple[TableId, tuple[int, ...], tuple[str, ...]]] = {}
+    # relid -> (table, key indexes, column names, the key's index if it has one column)
+    rels: dict[int, tuple[TableId, tuple[int, ...], tuple[str, ...], int]] = {}
     for item in raw_rels:
         if type(item) is not list or len(item) != 2 or type(item[1]) is not int:
             raise _corrupt("bad relation entry")
@@ -69,7 +70,8 @@ def unpack_changes(payload: Any, schemas: Sequence[TableSchema]) -> list[Change]
         if not 0 <= ti < len(schemas):
             raise _corrupt(f"relation {relid} names no table layout of the batch")
         s = schemas[ti]
-        rels[relid] = (s.table, s.key_indexes(), s.column_names)
+        kidx = s.key_indexes()
+        rels[relid] = (s.table, kidx, s.column_names, kidx[0] if len(kidx) == 1 else -1)
     try:
         txns = msgpack.unpackb(blob, use_list=False)
     except Exception as e:
@@ -95,9 +97,13 @@ def unpack_changes(payload: Any, schemas: Sequence[TableSchema]) -> list[Change]
             rel = rels.get(relid)
             if rel is None:
                 raise _corrupt(f"a change of relation {relid}, which the batch does not describe")
-            table, kidx, names = rel
+            table, kidx, names, k0 = rel
             unchanged = _NONE
             if rtag == 0x49:
+                if k0 >= 0:  # the bulk of a stream: an insert into a table with a 1-column key
+                    entry = (insert, table, pos, (after[k0],), None, after, _NONE, xid, ts)
+                    append(_new(Change, entry))
+                    continue
                 op = insert
             elif rtag == 0x55:
                 op = update

@@ -68,6 +68,7 @@ _TRUNCATE_TAG = 0x54
 _OP_OF_TAG = {0x49: Op.INSERT, 0x55: Op.UPDATE, 0x44: Op.DELETE, _TRUNCATE_TAG: Op.TRUNCATE}
 _TABLE_TAG = operator.itemgetter(2, 0)  # (relid, tag) of a packed _Pending
 _MESSAGE = operator.itemgetter(3)
+_REL = operator.itemgetter(1)
 
 
 def _messages(pending: list[_Pending]) -> list[Any]:
@@ -843,8 +844,9 @@ class PostgresSource:
             return False  # nothing published in it; the keepalive heartbeat covers it
         # A spilled transaction always ends with a complete batch, even an empty one.
         pos = Position(KIND, msg.end_lsn)
-        for p in pending:
-            self._ready_rels[p.rel.schema.table] = p.rel
+        # Relations by id (hashing a _Relation's TableId per change would cost more).
+        for rel in {id(r): r for r in map(_REL, pending)}.values():
+            self._ready_rels[rel.schema.table] = rel
         xid = begin.xid if begin else None
         if self._pg_text:
             self._ready_txns.append([msg.end_lsn, "", xid, msg.commit_ts_us, _messages(pending)])
