@@ -8,6 +8,10 @@ same backlog, as a slot created before the load, and timed until the target has
 caught up (a sentinel transaction written last becomes visible). They run one after
 the other, never together. Prints rows/s for both and the ratio, median of --runs.
 
+Also prints the CPU time the whole machine spent per million rows while each one
+ran (from /proc/stat; the daemon's own share from its processes): on 2 cores both
+replicators are CPU-bound, so this says where the time goes.
+
 Then: the daemon's total RSS (supervisor + workers, sampled every 50 ms) while it
 replicates one transaction of --big-txn rows, and end-to-end latency (source commit
 -> visible in the target) p50/p99 at a steady 5k rows/s.
@@ -185,6 +189,33 @@ class DaemonRun:
                 self.proc.wait()
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def busy_seconds() -> float:
+    """CPU time the whole machine spent busy (all cores, /proc/stat), in seconds."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / TICK  # minus idle and iowait
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """user + system CPU of a process and its live descendants, in seconds."""
+    stats: dict[int, tuple[int, float]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(d.name)] = (int(f[1]), (int(f[11]) + int(f[12])) / TICK)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0.0))[1]
+        todo += [c for c, (ppid, _) in stats.items() if ppid == pid]
+    return total
+
+
 def fresh_target(b: PostgresServer, name: str) -> str:
     b.drop_database(name) if one(
         b.dsn(), f"SELECT 1 FROM pg_database WHERE datname = '{name}'"
@@ -196,8 +227,10 @@ def fresh_target(b: PostgresServer, name: str) -> str:
 
 def catch_up(
     a: PostgresServer, b: PostgresServer, rows: int, kind: str, run_id: int, work: Path
-) -> tuple[float, float]:
-    """(native rows/s, dataflare rows/s) for one run of one workload."""
+) -> tuple[float, float, float, float, float]:
+    """(native rows/s, dataflare rows/s, and CPU seconds per million rows: the machine
+    while native ran, the machine while DataFlare ran, DataFlare's own processes)
+    for one run of one workload."""
     src = fresh_target(a, "src")
     sql(src, "CREATE PUBLICATION bench_pub FOR TABLE items, bench_done")
     native_dst = fresh_target(b, "native")
@@ -217,9 +250,10 @@ def catch_up(
     sql(src, "SELECT pg_create_logical_replication_slot('dataflare_slot', 'pgoutput')")
     load(src, rows, 1000, kind, run_id)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), busy_seconds()
     sql(native_dst, "ALTER SUBSCRIPTION native_sub ENABLE")
     native = rows / (wait_sentinel(native_dst, run_id) - t0)
+    native_cpu = busy_seconds() - c0
     sql(
         native_dst,
         "ALTER SUBSCRIPTION native_sub DISABLE",
@@ -235,16 +269,20 @@ def catch_up(
         "dataflare_slot",
         ["public.items", "public.bench_done"],
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), busy_seconds()
     d.start()
     try:
         df = rows / (wait_sentinel(df_dst, run_id) - t0)
+        df_cpu = busy_seconds() - c0
+        assert d.proc is not None
+        daemon_cpu = tree_cpu_seconds(d.proc.pid)
     finally:
         d.stop()
     assert one(df_dst, "SELECT count(*) FROM items") == one(src, "SELECT count(*) FROM items")
     assert one(df_dst, "SELECT sum(qty) FROM items") == one(src, "SELECT sum(qty) FROM items")
     sql(src, "SELECT pg_drop_replication_slot('dataflare_slot')")
-    return native, df
+    per_m = 1e6 / rows
+    return native, df, native_cpu * per_m, df_cpu * per_m, daemon_cpu * per_m
 
 
 def big_transaction_rss(a: PostgresServer, b: PostgresServer, rows: int, work: Path) -> float:
@@ -367,6 +405,13 @@ def main() -> int:
             print(
                 f"{kind:<9} {native:>14,.0f} {df:>17,.0f} {df / native:>6.2f}x   "
                 f"(runs: {', '.join(f'{r[1] / r[0]:.2f}x' for r in results)})",
+                flush=True,
+            )
+            cpu = [statistics.median(r[i] for r in results) for i in (2, 3, 4)]
+            print(
+                f"{'':<9} CPU seconds per million rows, whole machine: native {cpu[0]:.1f}, "
+                f"DataFlare {cpu[1]:.1f} (its own processes {cpu[2]:.1f}, "
+                f"the PostgreSQL servers and the rest {cpu[1] - cpu[2]:.1f})",
                 flush=True,
             )
         if args.big_txn:
