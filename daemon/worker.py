@@ -152,13 +152,13 @@ class StopSignal:
 
 def takes_pg_text(wf: WorkflowConfig, dest: str) -> bool:
     """Does ``dest`` take rows as PostgreSQL text (``Batch.pg_text``) as they are?
-    Only with no transformation in the workflow, and only where a refusal stops the
-    workflow (isolating refused changes works on values)."""
+    Only with no transformation in the workflow. (Refused changes are isolated and
+    dead-lettered as values: the parts involved are materialized then.)"""
     if wf.transformations:
         return False
     node = next(d for d in wf.destinations if d.name == dest)
     check = getattr(load_class(SINK_TYPES[node.type].implementation), "takes_pg_text", None)
-    return bool(check and node.error_handling.on_error == "fail" and check(node.config))
+    return bool(check and check(node.config))
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -328,7 +328,10 @@ class Applier:
         # Parts of an open source transaction already written to a transactional
         # destination that refuses records (on_error skip/dead_letter): kept so a
         # refusal inside a large transaction or the snapshot can still be isolated.
-        self._txn_parts: dict[str, tuple[list[Change], list[TableSchema]]] = {}
+        # (changes, layouts, Batch.pg_text of the parts: materialized only to isolate)
+        self._txn_parts: dict[
+            str, tuple[list[Change], list[TableSchema], dict[TableId, tuple[int, ...]]]
+        ] = {}
         self._txn_overflow: set[str] = set()
         self._replaying = False  # destinations whose open transaction outgrew it
         self.records_out = 0
@@ -465,7 +468,7 @@ class Applier:
                     breaker.success()  # the commit went through before the connection broke
                     return
             except RecordRefused as e:
-                earlier, layouts = self._txn_parts.get(dest, ([], []))
+                earlier, layouts, texts = self._txn_parts.get(dest, ([], [], {}))
                 merged = {s.table: s for s in (*layouts, *part.schemas)}
                 if (
                     not self._isolating(dest)
@@ -477,6 +480,12 @@ class Applier:
                 self.counts[dest]["errors"] += 1
                 self.last_errors[dest] = str(e)
                 self._reopen(dest)
+                # Refused changes are isolated, and dead-lettered, as values.
+                part = materialize(part)
+                if texts:
+                    earlier = materialize(
+                        Batch(earlier, layouts, part.first, part.last, False, pg_text=texts)
+                    ).changes
                 self._isolate(dest, source, part, earlier, list(merged.values()), str(e))
                 return
 
@@ -502,9 +511,10 @@ class Applier:
             self._txn_parts.pop(dest, None)
             self._txn_overflow.discard(dest)
         elif self._isolating(dest) and dest not in self._txn_overflow:
-            changes, layouts = self._txn_parts.setdefault(dest, ([], []))
+            changes, layouts, texts = self._txn_parts.setdefault(dest, ([], [], {}))
             changes.extend(part.changes)
             layouts.extend(s for s in part.schemas if s not in layouts)
+            texts.update(part.pg_text)
             if len(changes) > MAX_KEPT_CHANGES:  # memory: give up isolating this one
                 self._txn_parts.pop(dest, None)
                 self._txn_overflow.add(dest)

@@ -490,7 +490,12 @@ class PostgresSource:
         self._start_lsn = lsn
         self._confirmed = max(self._confirmed, lsn)
         self._last_sent_end = max(self._last_sent_end, lsn)
-        self.log.info("streaming from slot {} after {}", self.slot, po.format_lsn(lsn))
+        self.log.info(
+            "streaming from slot {} after {}{}",
+            self.slot,
+            po.format_lsn(lsn),
+            ", rows packed as PostgreSQL text" if self._pg_text else "",
+        )
 
     # -------------------------------------------------------------- snapshot
 

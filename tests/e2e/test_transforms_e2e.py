@@ -211,6 +211,8 @@ def test_dead_letter_round_trip_destination(tmp_path: Path, two_dbs: tuple[str, 
         assert letter["node"] == "mirror" and letter["stage"] == "destination"
         assert letter["table"] == "public.t" and letter["op"] in ("r", "c")
         assert "qty_positive" in letter["error"]
+        # (the rows went packed, as text: isolating the refused one loaded them)
+        assert "rows packed as PostgreSQL text" in d.log.read_text()
         shown = dlq(cfg, "show", "dl", str(letter["id"]))
         assert shown["change"]["after"] == {"id": 25, "qty": -1}
         assert d.workflow("dl")["dead_letters"] == 1
