@@ -141,11 +141,13 @@ class _KeyedPlanner:
             key = (row[i],) if i >= 0 else tuple(row[j] for j in self.idx)
             if len(row) == self.ncols and (op is not Op.UPDATE or c.key is None or c.key == key):
                 # An insert after a delete of its key in this run is a replacement.
-                entry = (row, key, _NOTHING, op is not Op.UPDATE and key not in self.state)
+                hk: Any = key
                 try:
-                    self.state[key] = entry
-                except TypeError:
-                    self.state[repr(key)] = entry
+                    inserted = op is not Op.UPDATE and hk not in self.state
+                except TypeError:  # unhashable key values (arrays, json)
+                    hk = repr(key)
+                    inserted = op is not Op.UPDATE and hk not in self.state
+                self.state[hk] = (row, key, _NOTHING, inserted)
                 return
         self._add(c)
 

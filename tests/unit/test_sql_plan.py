@@ -45,3 +45,15 @@ def test_inserts_are_marked_for_a_plain_load() -> None:
     assert plan.steps == [KeyedSegment(inserts=[(1, "x"), (2, "x")])]
     (plan,) = plan_batch([upd(1), upd(2)], {T: S})
     assert plan.steps == [KeyedSegment(upserts=[(1, "y"), (2, "y")])]
+
+
+def test_unhashable_keys_are_planned() -> None:
+    """Array or json key values (lists, dicts) cannot be dict keys: still planned."""
+    changes = [
+        Change(Op.INSERT, T, P, key=([1, 2],), after=([1, 2], "a")),
+        Change(Op.DELETE, T, P, key=([1, 2],), before=([1, 2], None)),
+        Change(Op.INSERT, T, P, key=([1, 2],), after=([1, 2], "b")),
+        Change(Op.INSERT, T, P, key=({"k": 1},), after=({"k": 1}, "c")),
+    ]
+    (plan,) = plan_batch(changes, {T: S})
+    assert plan.steps == [KeyedSegment(upserts=[([1, 2], "b")], inserts=[({"k": 1}, "c")])]
