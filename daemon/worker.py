@@ -328,10 +328,8 @@ class Applier:
         # Parts of an open source transaction already written to a transactional
         # destination that refuses records (on_error skip/dead_letter): kept so a
         # refusal inside a large transaction or the snapshot can still be isolated.
-        # (changes, layouts, Batch.pg_text of the parts: materialized only to isolate)
-        self._txn_parts: dict[
-            str, tuple[list[Change], list[TableSchema], dict[TableId, tuple[int, ...]]]
-        ] = {}
+        # (changes as values, layouts)
+        self._txn_parts: dict[str, tuple[list[Change], list[TableSchema]]] = {}
         self._txn_overflow: set[str] = set()
         self._replaying = False  # destinations whose open transaction outgrew it
         self.records_out = 0
@@ -468,7 +466,7 @@ class Applier:
                     breaker.success()  # the commit went through before the connection broke
                     return
             except RecordRefused as e:
-                earlier, layouts, texts = self._txn_parts.get(dest, ([], [], {}))
+                earlier, layouts = self._txn_parts.get(dest, ([], []))
                 merged = {s.table: s for s in (*layouts, *part.schemas)}
                 if (
                     not self._isolating(dest)
@@ -482,10 +480,6 @@ class Applier:
                 self._reopen(dest)
                 # Refused changes are isolated, and dead-lettered, as values.
                 part = materialize(part)
-                if texts:
-                    earlier = materialize(
-                        Batch(earlier, layouts, part.first, part.last, False, pg_text=texts)
-                    ).changes
                 self._isolate(dest, source, part, earlier, list(merged.values()), str(e))
                 return
 
@@ -511,10 +505,10 @@ class Applier:
             self._txn_parts.pop(dest, None)
             self._txn_overflow.discard(dest)
         elif self._isolating(dest) and dest not in self._txn_overflow:
-            changes, layouts, texts = self._txn_parts.setdefault(dest, ([], [], {}))
-            changes.extend(part.changes)
+            changes, layouts = self._txn_parts.setdefault(dest, ([], []))
+            # Kept as values (isolating works on them): loaded now if they came as text.
+            changes.extend(materialize(part).changes)
             layouts.extend(s for s in part.schemas if s not in layouts)
-            texts.update(part.pg_text)
             if len(changes) > MAX_KEPT_CHANGES:  # memory: give up isolating this one
                 self._txn_parts.pop(dest, None)
                 self._txn_overflow.add(dest)

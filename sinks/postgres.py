@@ -50,6 +50,7 @@ from dataflare.cdc.model import (
     row_dict,
 )
 from dataflare.cdc.mysql import types as mysql_types
+from dataflare.cdc.postgres.text_rows import materialize
 from dataflare.cdc.postgres.types import TEXT_FORM_OIDS
 from dataflare.sinks.base import SinkContext
 from dataflare.sinks.configs import PostgresSinkConfig
@@ -126,6 +127,10 @@ class _Table:
     # unless a key turned out to exist; after such a miss, the next `direct_skip`
     # segments go through the staging upsert (doubling with each miss).
     direct_ok: bool = False  # an immediate unique index on the key guards plain loads
+    # Every target column has exactly the source column's type (by name): the
+    # source's text form can be COPYed as it is. Otherwise text rows are loaded first
+    # and dumped for the target's types.
+    text_ok: bool = False
     direct_misses: int = 0
     direct_skip: int = 0
 
@@ -438,6 +443,10 @@ class PostgresSink(TransactionalSqlSink):
 
     def _write_upsert(self, batch: Batch) -> None:
         conn = self._require()
+        if batch.pg_text:
+            layouts = batch.schema_map()
+            if not all(self._prepare(layouts[tb]).text_ok for tb in batch.pg_text if tb in layouts):
+                batch = materialize(batch)  # a target type differs: values, dumped for it
         plans = plan_batch(batch.changes, batch.schema_map(), self._layouts)
         for plan in plans:
             self._current = str(plan.table)
@@ -697,6 +706,9 @@ class PostgresSink(TransactionalSqlSink):
         fmt = sql.SQL(" (FORMAT BINARY)" if binary else "")
         t.copy_target = sql.SQL("COPY {} ({}) FROM STDIN{}").format(ident, colids, fmt)
         t.copy_target_text = sql.SQL("COPY {} ({}) FROM STDIN").format(ident, colids)
+        t.text_ok = all(
+            tc.decl == sc.type_name for tc, sc in zip(tcols, schema.columns, strict=True)
+        )
         if schema.key:
             layout = repr((tschema, tname, [(c.name, c.base_decl) for c in tcols], schema.key))
             digest = hashlib.sha1(layout.encode()).hexdigest()[:20]

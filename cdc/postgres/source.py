@@ -141,6 +141,8 @@ def catalog_connect(dsn: str, timeout: float = 10.0) -> psycopg.Connection[Any]:
             options=PINNED_OPTIONS,
             connect_timeout=max(1, int(timeout)),
             application_name="dataflare",
+            # Its loaders decode the replication stream's values, which come as UTF-8.
+            client_encoding="UTF8",
         )
     except psycopg.OperationalError as e:
         raise RetryableError(
@@ -659,6 +661,12 @@ class PostgresSource:
         old = self._relations.get(msg.relid)
         if old is not None and old.schema is not schema:
             self._cut_at_layout_change(t)
+            if old.schema.table != t:  # renamed: its earlier changes go under the old name
+                self._cut_at_layout_change(old.schema.table)
+        if any(r.schema.table == t for rid, r in self._relations.items() if rid != msg.relid):
+            # Another relation had this name (dropped and created again, or renamed
+            # away and another renamed in): a batch maps each name to one relation.
+            self._cut_at_layout_change(t)
         tx = Transformer(self._catalog)
         oids = [c.type_oid for c in msg.columns]
         loader_oids = self._loader_oids(oids)
@@ -757,12 +765,11 @@ class PostgresSource:
                         entry = (data[25], rel, relid, data[25:].tobytes(), _NONE)
                         txn_append(_new_tuple(_Pending, entry))
                         continue
-                    if handle(decode(data[25:])):
-                        txn_append = self._txn.append  # a commit swapped the buffer
-                        if first_at is None:
-                            first_at = time.monotonic()
-                    elif data[25] == 0x42:  # Begin swapped the buffer
-                        txn_append = self._txn.append
+                    committed = handle(decode(data[25:]))
+                    # A Begin, a commit or a layout change's spill swaps the buffer.
+                    txn_append = self._txn.append
+                    if committed and first_at is None:
+                        first_at = time.monotonic()
                 else:
                     msg = po.decode_copy(data)
                     if isinstance(msg, po.Keepalive):

@@ -368,6 +368,26 @@ def test_inserts_of_existing_keys_fall_back_to_the_upsert(
     assert checkpoint_row(pg_db) == [("src", "postgres", 7)]
 
 
+def test_text_rows_into_other_target_types_are_loaded_first(
+    make_sink: SinkFactory, pg_db: str
+) -> None:
+    """Text rows go by text COPY only into columns of exactly the source's types;
+    a target of other types gets values, dumped for its types (as without text)."""
+    q(pg_db, "CREATE TABLE items (id bigint PRIMARY KEY, name varchar(10), qty bigint)")
+    sink = make_sink(create_tables=False)
+    row = (b"1", b"a", b"7")
+    b = batch([Change(Op.INSERT, ITEMS, pos(1), key=row[:1], after=row)])
+    b.pg_text = {ITEMS: (20, 25, 23)}
+    sink.write("src", b)
+    assert not sink._tables[ITEMS].text_ok
+    assert items(pg_db) == [(1, "a", 7)]
+    sink.close()
+    q(pg_db, "DROP TABLE items")
+    fresh = make_sink()  # tables it creates have the source's types
+    fresh.write("src", batch([ins(2, (2, "b", 2))], last=2))
+    assert fresh._tables[ITEMS].text_ok
+
+
 def test_no_plain_load_without_an_immediate_unique_key(make_sink: SinkFactory, pg_db: str) -> None:
     q(pg_db, """CREATE TABLE items (id bigint, name text, qty integer,
                 CONSTRAINT k UNIQUE (id) DEFERRABLE INITIALLY DEFERRED)""")  # fmt: skip

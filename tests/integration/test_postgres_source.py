@@ -271,6 +271,51 @@ def test_packed_text_rows_equal_loaded_rows(pg_db: str) -> None:
     assert got[0].after[12] == "infinity"  # type: ignore[index]
 
 
+def test_packed_mode_follows_layout_changes_and_renames(pg_db: str) -> None:
+    """DDL inside a transaction (the open part is cut and sent, the rest follows in
+    the new layout) and a rename (changes before it keep the old name): the packed
+    source gives what the loading source gives."""
+    run(pg_db, "CREATE TABLE t (id int PRIMARY KEY, v text)")
+    typed = make_source(pg_db, tables=["public.t"], snapshot="never", slot="typed")
+    packed = PostgresSource(
+        "src",
+        PostgresSourceConfig(
+            dsn=pg_db, tables=["public.t"], snapshot="never", slot="packed",
+            batch_timeout=0.01, status_interval=0.2,
+        ),
+        SourceContext("wf test", pg_text=True),
+    )  # fmt: skip
+    try:
+        typed.open(None)
+        packed.open(None)
+        with psycopg.connect(pg_db) as conn:  # one transaction
+            conn.execute("INSERT INTO t VALUES (1, 'a')")
+            conn.execute("ALTER TABLE t ADD COLUMN x int")
+            conn.execute("INSERT INTO t VALUES (2, 'b', 20), (3, 'c', 30)")
+        with psycopg.connect(pg_db) as conn:
+            conn.execute("INSERT INTO t VALUES (4, 'd', 40)")
+            conn.execute("ALTER TABLE t RENAME TO a")
+            conn.execute("INSERT INTO a VALUES (5, 'e', 50)")
+        run(pg_db, "INSERT INTO a VALUES (6, 'f', 60)")
+        loaded = changes(drain(typed, 6))
+        batches = [decode_batch(encode_batch(b)) for b in drain(packed, 6)]
+    finally:
+        typed.close()
+        packed.close()
+    got = [c for b in batches for c in materialize(b).changes]
+    assert [(c.table.name, c.after) for c in got] == [
+        ("t", (1, "a")),
+        ("t", (2, "b", 20)),
+        ("t", (3, "c", 30)),
+        ("t", (4, "d", 40)),
+        ("a", (5, "e", 50)),
+        ("a", (6, "f", 60)),
+    ]
+    assert [(c.table, c.after) for c in got] == [(c.table, c.after) for c in loaded]
+    for b in batches:  # a batch has one layout per table
+        assert len({s.table for s in b.schemas}) == len(b.schemas)
+
+
 def test_large_transaction_is_spilled_in_incomplete_batches(items_db: str) -> None:
     src = make_source(items_db, snapshot="never", batch_size=100)
     try:
