@@ -17,6 +17,9 @@ from dataflare.cdc.postgres.pgoutput import parse_lsn
 from dataflare.cdc.postgres.source import PostgresSource, parse_table_name
 from dataflare.cdc.postgres.text_rows import materialize
 from dataflare.cdc.source import SourceContext
+from psycopg import sql
+
+from tests.servers import PostgresServer
 
 pytestmark = pytest.mark.integration
 
@@ -314,6 +317,30 @@ def test_packed_mode_follows_layout_changes_and_renames(pg_db: str) -> None:
     assert [(c.table, c.after) for c in got] == [(c.table, c.after) for c in loaded]
     for b in batches:  # a batch has one layout per table
         assert len({s.table for s in b.schemas}) == len(b.schemas)
+
+
+def test_latin1_database_streams_the_same_text_both_ways(pg_server: PostgresServer) -> None:
+    """The replication connection asks for UTF-8; the loaders that decode its values
+    must too, or a LATIN1 database streams mojibake (the snapshot never did)."""
+    name = "latin1_stream"
+    pg_server.execute(
+        sql.SQL(
+            "CREATE DATABASE {} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        ).format(sql.Identifier(name))
+    )
+    dsn = pg_server.dsn(name)
+    try:
+        run(dsn, "CREATE TABLE t (id int PRIMARY KEY, v text)")
+        src = make_source(dsn, tables=["public.t"], snapshot="never")
+        try:
+            src.open(None)
+            run(dsn, "INSERT INTO t VALUES (1, 'caf\u00e9 \u00a3')")
+            (c,) = changes(drain(src, 1))
+        finally:
+            src.close()
+        assert c.after == (1, "caf\u00e9 \u00a3")
+    finally:
+        pg_server.drop_database(name)
 
 
 def test_large_transaction_is_spilled_in_incomplete_batches(items_db: str) -> None:

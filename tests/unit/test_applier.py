@@ -59,10 +59,12 @@ class MemorySink:
     def write(self, source: str, batch: Batch) -> None:
         for c in batch.changes:
             assert c.after is not None
-            if c.after[1] == 13:
+            # (rows of PostgreSQL text, Batch.pg_text, hold bytes: b"13")
+            i, n = int(c.after[0]), int(c.after[1])
+            if n == 13:
                 self.pending = {}
                 raise RecordRefused("n = 13 violates check constraint no_13")
-            self.pending[c.after[0]] = c.after[1]
+            self.pending[i] = n
         if batch.complete:
             TARGET.rows.update(self.pending)
             self.pending = {}
@@ -77,12 +79,22 @@ class MemorySink:
         return {}
 
 
-@pytest.fixture
-def applier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Applier]:
+class TextMemorySink(MemorySink):
+    """Takes rows of PostgreSQL text as they are, like the postgres destination."""
+
+    @staticmethod
+    def takes_pg_text(config: Any) -> bool:
+        return True
+
+
+@pytest.fixture(params=["values", "text"])
+def applier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[Applier]:
     global TARGET
     TARGET = Target()
     module = types.ModuleType("memory_sink_for_tests")
-    module.MemorySink = MemorySink  # type: ignore[attr-defined]
+    module.MemorySink = TextMemorySink if request.param == "text" else MemorySink  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "memory_sink_for_tests", module)
     monkeypatch.setitem(
         SINK_TYPES, "memory", ConnectorType(object, "memory_sink_for_tests:MemorySink")
@@ -94,14 +106,26 @@ def applier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Applier
     spec = WorkerSpec("apply", wf, {}, str(tmp_path / "state"), -1, 0)
     with StateStore(spec.state_dir) as state:
         a = Applier(spec, state)
+        assert a.pg_text["db"] is (request.param == "text")
+        TARGET_TAKES_TEXT[0] = request.param == "text"
         a.open()
         yield a
         a.close()
 
 
 def batch(values: list[tuple[int, int]], at: int, complete: bool = True) -> Batch:
+    """Values, or (a text destination's applier) rows of PostgreSQL text."""
+    if TARGET_TAKES_TEXT[0]:
+        rows = [(str(i).encode(), str(n).encode()) for i, n in values]
+        changes = [Change(Op.INSERT, T, Position("g", at), r[:1], None, r) for r in rows]
+        b = Batch(changes, [SCHEMA], Position("g", at), Position("g", at), complete)
+        b.pg_text = {T: (23, 23)}
+        return b
     changes = [Change(Op.INSERT, T, Position("g", at), (i,), None, (i, n)) for i, n in values]
     return Batch(changes, [SCHEMA], Position("g", at), Position("g", at), complete)
+
+
+TARGET_TAKES_TEXT = [False]
 
 
 def test_a_refused_change_becomes_a_dead_letter_and_the_rest_commit_once(
@@ -120,6 +144,17 @@ def test_refusal_inside_a_large_transaction_rewrites_its_earlier_parts(applier: 
     applier.apply("src", batch([(3, 13), (4, 4)], at=20, complete=True))
     assert TARGET.rows == {1: 1, 2: 2, 4: 4} and TARGET.commits == 1
     assert [d.change.after for d in applier.dlq.letters()] == [(3, 13)]
+
+
+def test_refusals_in_two_parts_of_one_transaction(applier: Applier) -> None:
+    """Refused, clean, refused again: the parts kept for isolating are values, and
+    dead letters too, whether the rows came as values or as text."""
+    applier.apply("src", batch([(1, 1)], at=30, complete=False))
+    applier.apply("src", batch([(2, 13), (3, 3)], at=30, complete=False))
+    applier.apply("src", batch([(4, 4)], at=30, complete=False))
+    applier.apply("src", batch([(5, 13), (6, 6)], at=30, complete=True))
+    assert TARGET.rows == {1: 1, 3: 3, 4: 4, 6: 6} and TARGET.commits == 1
+    assert [d.change.after for d in applier.dlq.letters()] == [(2, 13), (5, 13)]
 
 
 def test_a_commit_that_went_through_before_the_connection_broke_is_not_repeated(
