@@ -319,6 +319,45 @@ def test_packed_mode_follows_layout_changes_and_renames(pg_db: str) -> None:
         assert len({s.table for s in b.schemas}) == len(b.schemas)
 
 
+def test_packed_mode_table_dropped_and_created_again(pg_db: str) -> None:
+    """A new relation under a name another one had (FOR ALL TABLES): the batch is
+    cut there, each batch maps a name to one relation, and the packed source gives
+    what the loading source gives."""
+    run(
+        pg_db,
+        "CREATE PUBLICATION allpub FOR ALL TABLES",
+        "CREATE TABLE t (id int PRIMARY KEY, v text)",
+    )
+    common = {"tables": [], "publication": "allpub", "snapshot": "never"}
+    typed = make_source(pg_db, slot="typed", **common)
+    packed = PostgresSource(
+        "src",
+        PostgresSourceConfig(
+            dsn=pg_db, slot="packed", batch_timeout=0.5, status_interval=0.2, **common
+        ),
+        # (the apply side "busy": batches fill for batch_timeout, across transactions)
+        SourceContext("wf test", downstream_idle=lambda: False, pg_text=True),
+    )
+    try:
+        typed.open(None)
+        packed.open(None)
+        run(
+            pg_db,
+            "INSERT INTO t VALUES (1, 'a')",
+            "DROP TABLE t",
+            "CREATE TABLE t (id bigint PRIMARY KEY, w int, v text)",
+            "INSERT INTO t VALUES (2, 20, 'b')",
+        )
+        loaded = changes(drain(typed, 2))
+        batches = [decode_batch(encode_batch(b)) for b in drain(packed, 2)]
+    finally:
+        typed.close()
+        packed.close()
+    got = [c for b in batches for c in materialize(b).changes]
+    assert [c.after for c in got] == [(1, "a"), (2, 20, "b")] == [c.after for c in loaded]
+    assert len(batches) == 2  # cut at the second relation named t
+
+
 def test_latin1_database_streams_the_same_text_both_ways(pg_server: PostgresServer) -> None:
     """The replication connection asks for UTF-8; the loaders that decode its values
     must too, or a LATIN1 database streams mojibake (the snapshot never did)."""
