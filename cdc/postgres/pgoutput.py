@@ -295,30 +295,14 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     buf = data if type(data) is bytes else bytes(data)
     # Fast path for row changes, the bulk of the stream; anything odd (including
     # malformed input) falls through to the careful decoder below.
-    try:
-        tag = buf[0]
-        if tag == 0x49 and buf[5] == 0x4E:  # 'I' ... 'N'
-            new, end = _tuple_at(buf, 6, UNCHANGED)
-            if end == len(buf):
-                return _new(Insert, (_U32_AT(buf, 1)[0], new))
-        elif tag == 0x55:  # 'U'
-            kind = buf[5]
-            if kind == 0x4E:
-                new, end = _tuple_at(buf, 6, UNCHANGED)
-                if end == len(buf):
-                    return _new(Update, (_U32_AT(buf, 1)[0], None, False, new))
-            elif kind in (0x4B, 0x4F):
-                old, end = _tuple_at(buf, 6, UNCHANGED)
-                if buf[end] == 0x4E:
-                    new, end2 = _tuple_at(buf, end + 1, UNCHANGED)
-                    if end2 == len(buf):
-                        return _new(Update, (_U32_AT(buf, 1)[0], old, kind == 0x4B, new))
-        elif tag == 0x44 and buf[5] in (0x4B, 0x4F):  # 'D'
-            old, end = _tuple_at(buf, 6, UNCHANGED)
-            if end == len(buf):
-                return _new(Delete, (_U32_AT(buf, 1)[0], old, buf[5] == 0x4B))
-    except (IndexError, struct.error, ValueError):
-        pass
+    rec = decode_row(buf, 0)
+    if rec is not None:
+        tag, relid, old, new = rec
+        if tag == 0x49:
+            return _new(Insert, (relid, new))
+        if tag == 0x55:
+            return _new(Update, (relid, old, buf[5] == 0x4B, new))
+        return _new(Delete, (relid, old, buf[5] == 0x4B))
     return _decode_careful(buf)
 
 

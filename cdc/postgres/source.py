@@ -49,7 +49,7 @@ from dataflare.cdc.postgres.replication import (
     ReplicationConnection,
     safe_target,
 )
-from dataflare.cdc.postgres.types import configure_loaders, load_or_text
+from dataflare.cdc.postgres.types import configure_loaders, load_row
 from dataflare.cdc.source import SourceContext
 from loguru import logger
 from psycopg import abc, pq, sql
@@ -716,10 +716,7 @@ class PostgresSource:
             values = [v if isinstance(v, bytes) else None for v in data]
         if self._pg_text:  # the text form travels as it is (Batch.pg_text)
             return tuple(values), unchanged
-        try:
-            return tuple(rel.tx.load_sequence(values)), unchanged
-        except psycopg.DataError:  # 'infinity', BC or year > 9999: those values stay text
-            return tuple(load_or_text(rel.tx, rel.loader_oids, list(values))), unchanged
+        return load_row(rel.tx, rel.loader_oids, values), unchanged
 
     # ------------------------------------------------------------- streaming
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 from dataflare.cdc.model import Batch, Change, Row, TableId, TableSchema
-from dataflare.cdc.postgres.types import TEXT_FORM_OIDS, load_or_text
+from dataflare.cdc.postgres.types import TEXT_FORM_OIDS, load_row
 from psycopg import abc, pq
 from psycopg.adapt import AdaptersMap, Transformer
 from psycopg.types.string import TextLoader
@@ -53,11 +53,7 @@ class _TableLoader:
     def row(self, values: Row | None) -> Row | None:
         if values is None:
             return None
-        data = list(values)
-        try:
-            return tuple(self.tx.load_sequence(data))
-        except psycopg.DataError:  # 'infinity', BC or year > 9999: those values stay text
-            return tuple(load_or_text(self.tx, self.oids, data))
+        return load_row(self.tx, self.oids, list(values))
 
 
 def materialize(batch: Batch) -> Batch:

@@ -64,3 +64,12 @@ def load_or_text(tx: abc.Transformer, oids: list[int], values: list[bytes | None
         except psycopg.DataError:
             out.append(v.decode())
     return out
+
+
+def load_row(tx: abc.Transformer, oids: list[int], values: Any) -> tuple[Any, ...]:
+    """A row of text values loaded by ``tx`` (its loader types set to ``oids``); the
+    values a loader refuses ('infinity', BC, year > 9999) stay text."""
+    try:
+        return tuple(tx.load_sequence(values))
+    except psycopg.DataError:
+        return tuple(load_or_text(tx, oids, list(values)))
