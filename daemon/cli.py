@@ -233,7 +233,7 @@ def check_node(role: str, node: Any, workflow: str = "") -> list[tuple[bool, str
     ``check(name, config[, workflow=]) -> list[(ok, message)]``, else the built-in ones
     (the workflow name gives defaults such as the Postgres slot name)."""
     from dataflare.cdc.registry import SOURCE_TYPES
-    from dataflare.daemon.worker import load_class
+    from dataflare.daemon.worker_spec import load_class
     from dataflare.sinks.registry import SINK_TYPES
 
     registry = SOURCE_TYPES if role == "source" else SINK_TYPES

@@ -156,7 +156,7 @@ def drop_slot_hook(workflow: WorkflowConfig) -> list[tuple[str, Any]]:
     ``drop_slot(name, config, workflow=<workflow name>)`` when it accepts
     ``workflow`` (default slot names derive from the workflow name)."""
     from dataflare.cdc.registry import SOURCE_TYPES
-    from dataflare.daemon.worker import load_class
+    from dataflare.daemon.worker_spec import load_class
 
     hooks: list[tuple[str, Any]] = []
     for node in workflow.sources:

@@ -44,7 +44,7 @@ from dataflare.daemon.reload import (
 from dataflare.daemon.ring import RingOwner
 from dataflare.daemon.status_model import WorkflowObserver, merge_table_counts, ring_fill
 from dataflare.daemon.watch import ConfigWatcher
-from dataflare.daemon.worker import WorkerSpec
+from dataflare.daemon.worker_spec import WorkerSpec
 from loguru import logger
 
 VERSION = "0.1.0"

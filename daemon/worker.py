@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
-import importlib
 import json
 import operator
 import os
@@ -28,9 +27,8 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any
 
 from dataflare.cdc.codec import (
     decode_batch,
@@ -65,6 +63,7 @@ from dataflare.daemon.state import StateStore
 from dataflare.daemon.transform_registry import TRANSFORM_TYPES
 from dataflare.daemon.transforms.base import TransformContext
 from dataflare.daemon.transforms.pipeline import Failure, NodeUnavailable, Pipeline
+from dataflare.daemon.worker_spec import WorkerSpec, load_class
 from dataflare.sinks.base import Rejected, Sink, SinkContext
 from dataflare.sinks.registry import SINK_TYPES
 from loguru import logger
@@ -75,26 +74,6 @@ STATUS_INTERVAL_S = 1.0
 MAX_KEPT_CHANGES = 200_000
 MAX_REFUSED_PER_BATCH = 100
 _PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    role: Literal["source", "apply"]
-    workflow: WorkflowConfig
-    rings: dict[str, dict[str, int | str]]  # source name -> producer/consumer handles
-    state_dir: str
-    status_fd: int
-    parent_pid: int
-    source: str = ""  # role "source": which source of the workflow
-    log_level: str = "INFO"
-    log_format: str = "json"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def load_class(path: str) -> Callable[..., Any]:
-    module, _, name = path.partition(":")
-    cls: Callable[..., Any] = getattr(importlib.import_module(module), name)
-    return cls
 
 
 def encode_ack(p: Position | None) -> bytes:

@@ -738,8 +738,10 @@ class PostgresSource:
                 or (first_at is not None and now - first_at >= self.cfg.batch_timeout)
             ):
                 return self._take_ready()
-            if self._ready_last is None and len(self._txn) >= spill:
-                return self._spill()
+            if len(self._txn) >= spill:
+                # Memory stays bounded however fast a large transaction arrives:
+                # what is ready goes first, then the transaction's part.
+                return self._take_ready() if self._ready_last is not None else self._spill()
             wait = end - now
             if first_at is not None:
                 wait = min(wait, first_at + self.cfg.batch_timeout - now)

@@ -17,7 +17,8 @@ from dataflare.cdc.registry import ConnectorType
 from dataflare.daemon.config import ErrorHandling, NodeSpec, WorkflowConfig
 from dataflare.daemon.deadletters import DeadLetterStore
 from dataflare.daemon.state import StateStore
-from dataflare.daemon.worker import Applier, WorkerSpec
+from dataflare.daemon.worker import Applier
+from dataflare.daemon.worker_spec import WorkerSpec
 from dataflare.sinks.base import SinkContext
 from dataflare.sinks.registry import SINK_TYPES
 
