@@ -17,6 +17,13 @@
  *       Rows (sequences of bytes or None) in COPY text format: fields separated
  *       by tabs, NULL as \N, backslash, tab, newline and carriage return escaped,
  *       each row ending in a newline.
+ *
+ *   take_rows(burst, start, relations, out, extra) -> int
+ *       The replication stream's CopyData payloads burst[start:] that are XLogData
+ *       carrying an Insert, Update or Delete of a relation in `relations` (a dict
+ *       relid -> object), appended to `out` as (tag, relation, relid, message
+ *       bytes, extra) until the first that is not one (handled by the caller):
+ *       its index, or len(burst).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -276,10 +283,63 @@ done:
     return result;
 }
 
+static PyObject *
+take_rows(PyObject *self, PyObject *args)
+{
+    PyObject *burst, *relations, *out, *extra;
+    Py_ssize_t i;
+    if (!PyArg_ParseTuple(args, "O!nO!O!O:take_rows", &PyList_Type, &burst, &i, &PyDict_Type,
+                          &relations, &PyList_Type, &out, &extra))
+        return NULL;
+    if (i < 0)
+        i = 0;
+    for (; i < PyList_GET_SIZE(burst); i++) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(PyList_GET_ITEM(burst, i), &view, PyBUF_SIMPLE) < 0)
+            return NULL;
+        const unsigned char *b = view.buf;
+        unsigned char tag = view.len >= 30 ? b[25] : 0;
+        if (view.len < 30 || b[0] != 'w' || (tag != 'I' && tag != 'U' && tag != 'D')) {
+            PyBuffer_Release(&view);
+            break;
+        }
+        unsigned long relid = ((unsigned long)b[26] << 24) | ((unsigned long)b[27] << 16) |
+                              ((unsigned long)b[28] << 8) | (unsigned long)b[29];
+        PyObject *key = PyLong_FromUnsignedLong(relid);
+        if (key == NULL) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        PyObject *rel = PyDict_GetItemWithError(relations, key); /* borrowed */
+        if (rel == NULL) {
+            Py_DECREF(key);
+            PyBuffer_Release(&view);
+            if (PyErr_Occurred())
+                return NULL;
+            break;
+        }
+        PyObject *msg = PyBytes_FromStringAndSize((const char *)b + 25, view.len - 25);
+        PyBuffer_Release(&view);
+        PyObject *tagv = msg ? PyLong_FromLong(tag) : NULL;
+        PyObject *rec = tagv ? PyTuple_Pack(5, tagv, rel, key, msg, extra) : NULL;
+        Py_XDECREF(tagv);
+        Py_XDECREF(msg);
+        Py_DECREF(key);
+        if (rec == NULL)
+            return NULL;
+        int failed = PyList_Append(out, rec);
+        Py_DECREF(rec);
+        if (failed)
+            return NULL;
+    }
+    return PyLong_FromSsize_t(i);
+}
+
 static PyMethodDef methods[] = {
     {"tuple_at", tuple_at, METH_VARARGS, "pgoutput TupleData at an offset"},
     {"copy_text", copy_text, METH_O, "rows in COPY text format"},
     {"decode_rows", decode_rows, METH_VARARGS, "pgoutput row changes as records"},
+    {"take_rows", take_rows, METH_VARARGS, "row-change XLogData of a burst, kept as bytes"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -71,6 +71,35 @@ _MESSAGE = operator.itemgetter(3)
 _REL = operator.itemgetter(1)
 
 
+def _py_take_rows(
+    burst: list[Any], start: int, relations: dict[int, Any], out: list[Any], extra: Any
+) -> int:
+    """Packed mode's per-message work on a burst of the stream: each XLogData that
+    carries an Insert, Update or Delete of a known relation is appended to ``out`` as
+    (tag, relation, relid, message bytes, extra), up to the first payload that is
+    anything else (the caller's to handle): its index, or ``len(burst)``. The C twin
+    (``cdc/_speedups.c``) is used when built."""
+    i, n = max(start, 0), len(burst)
+    while i < n:
+        data = burst[i]
+        if len(data) < 30 or data[0] != 0x77 or data[25] not in _ROW_TAGS:
+            break
+        relid = _U32_AT(data, 26)[0]
+        rel = relations.get(relid)
+        if rel is None:
+            break
+        out.append((data[25], rel, relid, bytes(data[25:]), extra))
+        i += 1
+    return i
+
+
+take_rows: Any
+try:
+    from dataflare.cdc._speedups import take_rows
+except ImportError:  # not built: the pure-Python twin
+    take_rows = _py_take_rows
+
+
 def _messages(pending: list[_Pending]) -> list[Any]:
     """A transaction's packed messages: pgoutput bytes, or the relid of a truncate."""
     return list(map(_MESSAGE, pending))
@@ -679,7 +708,7 @@ class PostgresSource:
     def _cut_at_layout_change(self, table: TableId) -> None:
         """A batch has one layout per table: changes buffered under the old layout
         leave in batches of their own before any change in the new one."""
-        in_txn = any(p.rel.schema.table == table for p in self._txn)
+        in_txn = any(p[1].schema.table == table for p in self._txn)
         in_ready = table in self._ready_rels
         if (in_txn or in_ready) and self._ready_last is not None:
             self._queue.append(self._take_ready())
@@ -751,22 +780,24 @@ class PostgresSource:
             decode = po.decode
             raw = self._pg_text
             relations = self._relations
-            txn_append = self._txn.append
             burst = self._repl.read_many(min(wait, self.cfg.status_interval), READ_BURST)
-            for data in burst:
+            i, n = 0, len(burst)
+            while i < n:
+                if raw:
+                    # Row changes are kept as the server sent them, split by the apply
+                    # process (cdc.postgres.packed); a C loop over the burst takes them
+                    # up to the next message of another kind. (self._txn is swapped
+                    # by a Begin, a commit or a layout change's spill: look it up.)
+                    i = take_rows(burst, i, relations, self._txn, _NONE)
+                    if i == n:
+                        break
+                data = burst[i]
+                i += 1
                 tag = data[0]
                 if tag == 0x77:  # XLogData: start, end, send time, then one pgoutput message
-                    if raw and data[25] in _ROW_TAGS:
-                        # Kept as the server sent it; split by the apply process
-                        # (cdc.postgres.packed), one C call per transaction.
-                        relid = _U32_AT(data, 26)[0]
-                        rel = relations.get(relid) or self._rel(relid)
-                        entry = (data[25], rel, relid, data[25:].tobytes(), _NONE)
-                        txn_append(_new_tuple(_Pending, entry))
-                        continue
+                    if raw and len(data) >= 30 and data[25] in _ROW_TAGS:
+                        self._rel(_U32_AT(data, 26)[0])  # not taken: the relation is unknown
                     committed = handle(decode(data[25:]))
-                    # A Begin, a commit or a layout change's spill swaps the buffer.
-                    txn_append = self._txn.append
                     if committed and first_at is None:
                         first_at = time.monotonic()
                 else:
@@ -915,7 +946,7 @@ class PostgresSource:
         pending, self._txn = self._txn, []
         self._spilled = True
         pos = Position(KIND, self._begin.final_lsn + 1, "partial")
-        rels = [r for _, r in sorted({p.rel.schema.table: p.rel for p in pending}.items())]
+        rels = [r for _, r in sorted({p[1].schema.table: p[1] for p in pending}.items())]
         schemas = [r.schema for r in rels]
         if self._pg_text:
             txn = [

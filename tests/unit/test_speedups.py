@@ -12,6 +12,7 @@ from dataflare.cdc.codec import decode_batch, encode_batch
 from dataflare.cdc.errors import FatalError
 from dataflare.cdc.model import Batch, Column, Op, Packed, Position, TableId, TableSchema
 from dataflare.cdc.postgres import pgoutput as po
+from dataflare.cdc.postgres import source as pg_source
 from dataflare.cdc.postgres.packed import DECODER, pack
 from dataflare.sinks.pg_copy_text import copy_text, py_copy_text
 from hypothesis import given, settings
@@ -44,6 +45,7 @@ def test_the_c_twins_are_in_use() -> None:
     assert po._tuple_at is _speedups.tuple_at
     assert po.decode_rows is _speedups.decode_rows
     assert copy_text is _speedups.copy_text
+    assert pg_source.take_rows is _speedups.take_rows
 
 
 @given(st.binary(max_size=60), st.integers(0, 64))
@@ -114,6 +116,40 @@ def test_decode_rows_refuses_other_messages() -> None:
         _speedups.decode_rows([b"I\x00\x00\x00\x01N\x00\x00", b"B" + b"\x00" * 20], None)
     with pytest.raises(ValueError):
         _speedups.decode_rows(["I"], None)  # type: ignore[list-item]
+
+
+def xlogdata(message: bytes) -> bytes:
+    """A CopyData payload of the replication stream: 'w', start, end, clock, message."""
+    return b"w" + struct.pack(">QQQ", 16, 32, 0) + message
+
+
+# Mostly row messages of relations 1-3; the rest anything (keepalives, Begin, junk).
+BURST_ITEM = st.one_of(
+    st.builds(
+        lambda tag, relid, body: xlogdata(tag + struct.pack(">I", relid) + body),
+        st.sampled_from([b"I", b"U", b"D", b"B", b"R"]),
+        st.integers(0, 4),
+        st.binary(max_size=8),
+    ),
+    st.builds(xlogdata, st.binary(max_size=6)),
+    st.binary(max_size=34),
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(BURST_ITEM, max_size=8), st.integers(-1, 9), st.booleans())
+def test_take_rows_agrees(items: list[bytes], start: int, views: bool) -> None:
+    burst: list[Any] = [memoryview(b) for b in items] if views else list(items)
+    relations = {1: "one", 2: "two", 3: "three"}
+    results = []
+    for fn in (_speedups.take_rows, pg_source._py_take_rows):
+        out: list[Any] = ["kept"]
+        results.append((fn(burst, start, relations, out, None), out))
+    assert results[0] == results[1]
+    stop, out = results[0]
+    for rec, item in zip(out[1:], items[max(start, 0) :], strict=False):
+        assert rec == (item[25], relations[rec[2]], rec[2], item[25:], None)
+    assert stop == max(start, 0) + len(out) - 1 or (start > len(items) and len(out) == 1)
 
 
 TEXT = st.binary(max_size=12).filter(lambda b: b"\x00" not in b)  # PostgreSQL text: no NUL
