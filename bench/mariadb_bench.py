@@ -1,7 +1,7 @@
 """MariaDB catch-up throughput: the daemon end to end next to raw binlog parse rates.
 
 Run: ``python bench/mariadb_bench.py [--rows 200000] [--txn 1000] [--target postgres|mariadb]
-[--chameleon] [--profile]``
+[--chameleon] [--runs N] [--profile]``
 
 One private MariaDB (durability "unsafe") holds a source table of 7 columns
 (bigint key, varchar, decimal, int, datetime(6), varchar, tinyint). The bench
@@ -32,6 +32,7 @@ import os
 import pstats
 import pwd
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -198,15 +199,9 @@ def count(server: MariaDBServer) -> int:
     return int(rows[0][0]) if rows else 0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--txn", type=int, default=1000)
-    ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--target", choices=["mariadb", "postgres"], default="postgres")
-    ap.add_argument("--chameleon", action="store_true", help="also time pg_chameleon")
-    ap.add_argument("--chameleon-venv", default="/tmp/dataflare-bench-chameleon-venv")
-    args = ap.parse_args()
+def one_run(args: argparse.Namespace, profile: bool) -> dict[str, float]:
+    """One run on fresh servers: rows/s of each parser and replicator."""
+    rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="df-mariadb-bench-") as tmp:
         base = Path(tmp)
         pg: PostgresServer | None = None
@@ -280,12 +275,12 @@ def main() -> None:
             lib_s = time.perf_counter() - t0
             assert n == args.rows, n
             t0 = time.perf_counter()
-            if args.profile:
+            if profile:
                 prof = cProfile.Profile()
                 prof.enable()
             n = parse_ours(server, file, pos, after.current, args.rows)
             ours_s = time.perf_counter() - t0
-            if args.profile:
+            if profile:
                 prof.disable()
             assert n == args.rows, n
             mb_s = parse_mariadb_binlog(server, files, pos)
@@ -355,13 +350,55 @@ def main() -> None:
                       f"{cham_rate[0]:>12,.0f}")  # fmt: skip
                 print(f"{'pg_chameleon 2.0.21 MariaDB -> PostgreSQL, incl. start':<52} "
                       f"{cham_rate[1]:>12,.0f}")  # fmt: skip
-            print(f"({args.rows} rows x {cols} columns, {args.txn}-row transactions)")
-            if args.profile:
+            print(f"({args.rows} rows x {cols} columns, {args.txn}-row transactions)", flush=True)
+            rates.update(
+                library=args.rows / lib_s,
+                ours=args.rows / ours_s,
+                mariadb_binlog=args.rows / mb_s,
+                steady=steady,
+                total=total,
+            )
+            if cham_rate is not None:
+                rates.update(cham_steady=cham_rate[0], cham_total=cham_rate[1])
+            if profile:
                 pstats.Stats(prof).sort_stats("cumulative").print_stats(15)
         finally:
             server.destroy()
             if pg is not None:
                 pg.destroy()
+    return rates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--txn", type=int, default=1000)
+    ap.add_argument("--runs", type=int, default=1, help="repeat on fresh servers; medians")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--target", choices=["mariadb", "postgres"], default="postgres")
+    ap.add_argument("--chameleon", action="store_true", help="also time pg_chameleon")
+    ap.add_argument("--chameleon-venv", default="/tmp/dataflare-bench-chameleon-venv")
+    args = ap.parse_args()
+    runs = [one_run(args, args.profile and i == args.runs - 1) for i in range(args.runs)]
+    if args.runs < 2:
+        return
+    print(f"\nmedians of {args.runs} runs (each on fresh servers):")
+    for key, label in [
+        ("library", "pymysqlreplication parse"),
+        ("ours", "DataFlare BinlogStream parse"),
+        ("mariadb_binlog", "mariadb-binlog decode-rows"),
+        ("steady", "DataFlare catch-up, steady"),
+        ("total", "DataFlare catch-up, incl. start"),
+        ("cham_steady", "pg_chameleon, steady"),
+        ("cham_total", "pg_chameleon, incl. start"),
+    ]:
+        if key in runs[0]:
+            print(f"{label:<52} {statistics.median(r[key] for r in runs):>12,.0f}")
+    if "cham_steady" in runs[0]:
+        for key, label in [("steady", "steady"), ("total", "incl. start")]:
+            ratios = [r[key] / r["cham_" + key] for r in runs]
+            print(f"DataFlare / pg_chameleon, {label}: median {statistics.median(ratios):.1f}x "
+                  f"(runs: {', '.join(f'{x:.1f}x' for x in ratios)})")  # fmt: skip
 
 
 if __name__ == "__main__":

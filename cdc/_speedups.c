@@ -1,4 +1,4 @@
-/* Hot loops of the PostgreSQL path in C; each has a pure-Python twin that is used
+/* Hot loops of the PostgreSQL and MySQL paths in C; each has a pure-Python twin that is used
  * when this module is not built, and tests check the two agree (tests/unit/
  * test_speedups.py).
  *
@@ -24,9 +24,20 @@
  *       relid -> object), appended to `out` as (tag, relation, relid, message
  *       bytes, extra) until the first that is not one (handled by the caller):
  *       its index, or len(burst).
+ *
+ *   my_decimal(buf, off, precision, scale) -> (Decimal, end) | None
+ *       A MySQL binary DECIMAL(precision, scale) at buf[off:]. None when it runs
+ *       past the end of buf or a digit group holds more digits than it may (the
+ *       pure-Python reader then decides what that means).
+ *
+ *   my_datetime2(buf, off, fsp) -> (datetime | None, end) | None
+ *       A MySQL DATETIME(fsp) (binlog type DATETIME2) at buf[off:]: the value, or
+ *       None for a date that does not exist (zero dates: the caller's policy).
+ *       None when it runs past the end of buf.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <datetime.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -335,11 +346,168 @@ take_rows(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t(i);
 }
 
+static const int dig2bytes[10] = {0, 1, 1, 2, 2, 3, 3, 4, 4, 4};
+static const uint32_t pow10s[10] = {1,      10,      100,      1000,      10000,
+                                    100000, 1000000, 10000000, 100000000, 1000000000};
+static PyObject *decimal_type = NULL;
+
+/* One digit group of `nbytes` big-endian bytes, written as exactly `digits`
+ * decimal digits; 0 when the value does not fit. */
+static int
+put_group(const unsigned char *g, int nbytes, int digits, char **out)
+{
+    uint32_t v = 0;
+    for (int i = 0; i < nbytes; i++)
+        v = (v << 8) | g[i];
+    if (v >= pow10s[digits])
+        return 0;
+    for (int i = digits - 1; i >= 0; i--) {
+        (*out)[i] = (char)('0' + v % 10);
+        v /= 10;
+    }
+    *out += digits;
+    return 1;
+}
+
+static PyObject *
+my_decimal(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t off;
+    int precision, scale;
+    if (!PyArg_ParseTuple(args, "y*nii:my_decimal", &view, &off, &precision, &scale))
+        return NULL;
+    PyObject *result = NULL;
+    if (precision < 1 || precision > 65 || scale < 0 || scale > 30 || scale > precision) {
+        PyErr_SetString(PyExc_ValueError, "my_decimal(): bad precision or scale");
+        goto done;
+    }
+    int intg = precision - scale;
+    int intg0 = intg / 9, intg0x = intg % 9, frac0 = scale / 9, frac0x = scale % 9;
+    Py_ssize_t size = dig2bytes[intg0x] + intg0 * 4 + frac0 * 4 + dig2bytes[frac0x];
+    if (off < 0 || off + size > view.len) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    /* The sign is the top bit (set: positive); negatives are stored inverted. */
+    unsigned char d[64];
+    memcpy(d, (const unsigned char *)view.buf + off, (size_t)size);
+    int negative = !(d[0] & 0x80);
+    d[0] ^= 0x80;
+    if (negative)
+        for (Py_ssize_t i = 0; i < size; i++)
+            d[i] ^= 0xFF;
+    char text[1 + 72 + 1 + 30 + 1];
+    char *out = text + 1;
+    const unsigned char *g = d;
+    int ok = 1;
+    if (intg0x) {
+        ok = put_group(g, dig2bytes[intg0x], intg0x, &out);
+        g += dig2bytes[intg0x];
+    }
+    for (int i = 0; ok && i < intg0; i++, g += 4)
+        ok = put_group(g, 4, 9, &out);
+    /* The integer part as str(int) writes it: no leading zeros, "0" when zero. */
+    char *start = text + 1;
+    while (start < out && *start == '0')
+        start++;
+    if (start == out)
+        *--start = '0';
+    if (negative)
+        *--start = '-';
+    if (ok && scale) {
+        *out++ = '.';
+        for (int i = 0; ok && i < frac0; i++, g += 4)
+            ok = put_group(g, 4, 9, &out);
+        if (ok && frac0x)
+            ok = put_group(g, dig2bytes[frac0x], frac0x, &out);
+    }
+    if (!ok) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (decimal_type == NULL) {
+        PyObject *mod = PyImport_ImportModule("decimal");
+        if (mod == NULL)
+            goto done;
+        decimal_type = PyObject_GetAttrString(mod, "Decimal");
+        Py_DECREF(mod);
+        if (decimal_type == NULL)
+            goto done;
+    }
+    PyObject *str = PyUnicode_FromStringAndSize(start, out - start);
+    if (str == NULL)
+        goto done;
+    PyObject *value = PyObject_CallOneArg(decimal_type, str);
+    Py_DECREF(str);
+    if (value == NULL)
+        goto done;
+    result = Py_BuildValue("(Nn)", value, off + size);
+done:
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyObject *
+my_datetime2(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t off;
+    int fsp;
+    if (!PyArg_ParseTuple(args, "y*ni:my_datetime2", &view, &off, &fsp))
+        return NULL;
+    PyObject *result = NULL;
+    if (fsp < 0 || fsp > 6) {
+        PyErr_SetString(PyExc_ValueError, "my_datetime2(): bad fractional-second precision");
+        goto done;
+    }
+    int nfrac = (fsp + 1) / 2;
+    static const long mult[4] = {1, 10000, 100, 1};
+    Py_ssize_t size = 5 + nfrac;
+    if (off < 0 || off + size > view.len) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    const unsigned char *b = (const unsigned char *)view.buf + off;
+    int64_t raw = 0;
+    for (int i = 0; i < 5; i++)
+        raw = (raw << 8) | b[i];
+    int64_t v = raw - INT64_C(0x8000000000);
+    long us = 0;
+    for (int i = 0; i < nfrac; i++)
+        us = (us << 8) | b[5 + i];
+    us *= mult[nfrac];
+    PyObject *value = NULL;
+    if (v >= 0) {
+        int64_t ymd = v >> 17, ym = ymd >> 5, hms = v & 0x1FFFF;
+        int year = (int)(ym / 13), month = (int)(ym % 13), day = (int)(ymd & 31);
+        int hour = (int)(hms >> 12), minute = (int)((hms >> 6) & 63), second = (int)(hms & 63);
+        /* what datetime() accepts; anything else is the caller's zero date */
+        static const int mdays[13] = {0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+        int leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+        if (year >= 1 && year <= 9999 && month >= 1 && day >= 1 &&
+            day <= (month == 2 && !leap ? 28 : mdays[month]) && hour < 24 && minute < 60 &&
+            second < 60 && us < 1000000) {
+            value = PyDateTime_FromDateAndTime(year, month, day, hour, minute, second, (int)us);
+            if (value == NULL)
+                goto done;
+        }
+    }
+    if (value == NULL)
+        value = Py_NewRef(Py_None);
+    result = Py_BuildValue("(Nn)", value, off + size);
+done:
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"tuple_at", tuple_at, METH_VARARGS, "pgoutput TupleData at an offset"},
     {"copy_text", copy_text, METH_O, "rows in COPY text format"},
     {"decode_rows", decode_rows, METH_VARARGS, "pgoutput row changes as records"},
     {"take_rows", take_rows, METH_VARARGS, "row-change XLogData of a burst, kept as bytes"},
+    {"my_decimal", my_decimal, METH_VARARGS, "a MySQL binary DECIMAL"},
+    {"my_datetime2", my_datetime2, METH_VARARGS, "a MySQL DATETIME2"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -351,5 +519,8 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    PyDateTime_IMPORT;
+    if (PyDateTimeAPI == NULL)
+        return NULL;
     return PyModule_Create(&module);
 }

@@ -90,6 +90,13 @@ class ColumnSpec:
 Reader = Callable[[bytes, int], tuple[Any, int]]
 
 _DIG2BYTES = (0, 1, 1, 2, 2, 3, 3, 4, 4, 4)
+_c_decimal: Callable[[bytes, int, int, int], tuple[Any, int] | None] | None
+_c_datetime2: Callable[[bytes, int, int], tuple[Any, int] | None] | None
+try:
+    from dataflare.cdc._speedups import my_datetime2 as _c_datetime2
+    from dataflare.cdc._speedups import my_decimal as _c_decimal
+except ImportError:  # not built: the pure-Python readers
+    _c_decimal = _c_datetime2 = None
 _u16 = struct.Struct("<H").unpack_from
 _i16 = struct.Struct("<h").unpack_from
 _u32 = struct.Struct("<I").unpack_from
@@ -169,6 +176,22 @@ def _zero(policy: ZeroDates, what: str, col: str) -> None:
 
 
 def _decimal_reader(precision: int, scale: int) -> Reader:
+    """MySQL's binary DECIMAL; the C twin (``cdc/_speedups.c``) when built, this
+    module's Python reader for what it leaves (a value past the end, digit groups
+    out of range: a corrupt image either way)."""
+    py_read = _py_decimal_reader(precision, scale)
+    if _c_decimal is None:
+        return py_read
+    c_read = _c_decimal
+
+    def read(buf: bytes, off: int) -> tuple[Any, int]:
+        got = c_read(buf, off, precision, scale)
+        return got if got is not None else py_read(buf, off)
+
+    return read
+
+
+def _py_decimal_reader(precision: int, scale: int) -> Reader:
     """MySQL's binary DECIMAL: 9 digits per 4 big-endian bytes, a shorter leading and
     trailing group, the sign in the top bit (negative values stored inverted)."""
     intg = precision - scale
@@ -225,6 +248,21 @@ def _frac(fsp: int) -> tuple[int, int]:
 
 
 def _datetime2_reader(fsp: int, policy: ZeroDates, col: str) -> Reader:
+    """DATETIME(fsp); the C twin when built (a date that does not exist, or a value
+    past the end, goes to the Python reader: the zero-date policy applies there)."""
+    py_read = _py_datetime2_reader(fsp, policy, col)
+    if _c_datetime2 is None:
+        return py_read
+    c_read = _c_datetime2
+
+    def read(buf: bytes, off: int) -> tuple[Any, int]:
+        got = c_read(buf, off, fsp)
+        return got if got is not None and got[0] is not None else py_read(buf, off)
+
+    return read
+
+
+def _py_datetime2_reader(fsp: int, policy: ZeroDates, col: str) -> Reader:
     nfrac, mult = _frac(fsp)
     size = 5 + nfrac
 
@@ -633,6 +671,28 @@ def _generate_full_decoder(
                 "ln = buf[off]",
                 f"{v} = buf[off + 1:off + 1 + ln].decode(c{i})",
                 "off += 1 + ln",
+            ]
+        elif c.type_code in (VARCHAR, VAR_STRING) and c.charset is not None:
+            env[f"c{i}"] = c.charset
+            body = [
+                "ln = buf[off] | buf[off + 1] << 8",
+                f"{v} = buf[off + 2:off + 2 + ln].decode(c{i})",
+                "off += 2 + ln",
+            ]
+        elif c.type_code == NEWDECIMAL and _c_decimal is not None:
+            # C straight from the decoder (no reader frame); the reader for what C leaves
+            env["_dec"] = _c_decimal
+            env[f"r{i}"] = readers[i]
+            body = [
+                f"t = _dec(buf, off, {c.precision}, {c.decimals})",
+                f"{v}, off = t if t is not None else r{i}(buf, off)",
+            ]
+        elif c.type_code == DATETIME2 and _c_datetime2 is not None:
+            env["_dt2"] = _c_datetime2
+            env[f"r{i}"] = readers[i]
+            body = [
+                f"t = _dt2(buf, off, {c.fsp})",
+                f"{v}, off = t if t is not None and t[0] is not None else r{i}(buf, off)",
             ]
         else:
             env[f"r{i}"] = readers[i]

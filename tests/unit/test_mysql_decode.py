@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
+from dataflare.cdc import _speedups
+from dataflare.cdc.mysql import decode
 from dataflare.cdc.mysql.decode import _decimal_reader, _time2_reader
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 _DIG2 = (0, 1, 1, 2, 2, 3, 3, 4, 4, 4)
@@ -51,6 +55,78 @@ def test_decimal_roundtrip(case: tuple[Decimal, int, int]) -> None:
     value, end = _decimal_reader(p, s)(b"xx" + raw + b"yy", 2)
     assert value == d and end == 2 + len(raw)
     assert value.as_tuple().exponent == -s  # the scale is kept
+
+
+def outcome(read: Any, buf: bytes, off: int) -> Any:
+    try:
+        return repr(read(buf, off))  # repr: Decimal('-0.00') is not Decimal('0.00')
+    except Exception as e:
+        return type(e).__name__
+
+
+def test_the_c_readers_are_in_use() -> None:
+    assert decode._c_decimal is _speedups.my_decimal
+    assert decode._c_datetime2 is _speedups.my_datetime2
+
+
+@given(decimals(), st.binary(max_size=3))
+def test_decimal_c_and_python_agree(case: tuple[Decimal, int, int], head: bytes) -> None:
+    d, p, s = case
+    buf = head + encode_decimal(d, p, s)
+    got = _speedups.my_decimal(buf, len(head), p, s)
+    assert got is not None and repr(got) == repr(decode._py_decimal_reader(p, s)(buf, len(head)))
+    for cut in range(len(head), len(buf)):  # past the end: the Python reader decides
+        assert _speedups.my_decimal(buf[:cut], len(head), p, s) is None
+
+
+@settings(max_examples=300)
+@given(st.integers(1, 65), st.data(), st.binary(max_size=40), st.integers(0, 4))
+def test_decimal_readers_agree_on_any_bytes(p: int, data: Any, buf: bytes, off: int) -> None:
+    s = data.draw(st.integers(0, min(p, 30)))
+    fast = _decimal_reader(p, s)
+    assert outcome(fast, buf, off) == outcome(decode._py_decimal_reader(p, s), buf, off)
+
+
+def encode_datetime2(v: datetime, fsp: int) -> bytes:
+    """MySQL's DATETIME2: 40 bits of packed fields + 0x8000000000, then the fraction."""
+    ym = v.year * 13 + v.month
+    packed = ym << 22 | v.day << 17 | v.hour << 12 | v.minute << 6 | v.second
+    nfrac = (fsp + 1) // 2
+    frac = v.microsecond // (1, 10_000, 100, 1)[nfrac]
+    return (packed + 0x8000000000).to_bytes(5, "big") + frac.to_bytes(nfrac, "big")
+
+
+@given(st.datetimes(), st.integers(0, 6))
+def test_datetime2_c_and_python_agree(v: datetime, fsp: int) -> None:
+    v = v.replace(microsecond=v.microsecond // 10 ** (6 - fsp) * 10 ** (6 - fsp))
+    buf = b"x" + encode_datetime2(v, fsp)
+    got = _speedups.my_datetime2(buf, 1, fsp)
+    assert got == (v, len(buf))
+    assert decode._datetime2_reader(fsp, "error", "c")(buf, 1) == got
+    assert decode._py_datetime2_reader(fsp, "error", "c")(buf, 1) == got
+
+
+@settings(max_examples=300)
+@given(
+    st.binary(max_size=12), st.integers(0, 3), st.integers(0, 6), st.sampled_from(["null", "error"])
+)
+def test_datetime2_readers_agree_on_any_bytes(buf: bytes, off: int, fsp: int, policy: Any) -> None:
+    fast = decode._datetime2_reader(fsp, policy, "c")
+    assert outcome(fast, buf, off) == outcome(
+        decode._py_datetime2_reader(fsp, policy, "c"), buf, off
+    )
+
+
+def test_zero_datetime_follows_the_policy() -> None:
+    zero = (0x8000000000).to_bytes(5, "big")
+    assert _speedups.my_datetime2(zero, 0, 0) == (None, 5)
+    assert decode._datetime2_reader(0, "null", "c")(zero, 0) == (None, 5)
+    try:
+        decode._datetime2_reader(0, "error", "c")(zero, 0)
+    except decode.DecodeError as e:
+        assert "zero_dates: null" in str(e)
+    else:
+        raise AssertionError("a zero date passed under zero_dates: error")
 
 
 def encode_time2(us_total: int) -> bytes:
@@ -99,3 +175,53 @@ def test_generated_row_decoder_matches_the_generic_loop() -> None:
             raw += struct.pack("<i", -70000)
         assert layout._decode_full(raw, 0) == layout._decode_full_loop(raw, 0)
         assert layout._decode_full(raw, 0)[1] == len(raw)
+
+
+@given(
+    st.integers(0, 15),
+    st.text(max_size=90),
+    decimals(),
+    st.datetimes(),
+    st.booleans(),
+)
+def test_generated_decoder_with_c_readers_matches_the_generic_loop(
+    nulls: int, text: str, dec: tuple[Decimal, int, int], when: datetime, zero: bool
+) -> None:
+    """Long strings (2-byte length), DECIMAL and DATETIME(6) inline in the
+    generated decoder (C readers) read what the per-column readers read; a zero
+    datetime goes through its reader's policy."""
+    import struct
+
+    from dataflare.cdc.mysql.decode import (
+        DATETIME2,
+        LONGLONG,
+        NEWDECIMAL,
+        VARCHAR,
+        ColumnSpec,
+        Layout,
+    )
+
+    d, p, s = dec
+    specs = [
+        ColumnSpec("id", LONGLONG, nullable=False),
+        ColumnSpec("s", VARCHAR, max_length=400, charset="utf8"),
+        ColumnSpec("n", NEWDECIMAL, precision=p, decimals=s),
+        ColumnSpec("at", DATETIME2, fsp=6),
+        ColumnSpec("t", VARCHAR, max_length=40, charset="utf8"),
+    ]
+    layout = Layout(specs, (0,))
+    raw = bytes([nulls << 1]) + struct.pack("<q", 7)
+    if not nulls & 1:
+        b = text.encode()
+        raw += struct.pack("<H", len(b)) + b
+    if not nulls & 2:
+        raw += encode_decimal(d, p, s)
+    if not nulls & 4:
+        raw += (0x8000000000).to_bytes(5, "big") + bytes(3) if zero else encode_datetime2(when, 6)
+    if not nulls & 8:
+        raw += bytes([2]) + b"ok"
+    got = layout._decode_full(raw, 0)
+    assert repr(got) == repr(layout._decode_full_loop(raw, 0))
+    assert got[1] == len(raw)
+    assert got[0][1] == (None if nulls & 1 else text)
+    assert got[0][3] == (None if nulls & 4 or zero else when)
