@@ -25,6 +25,14 @@
  *       bytes, extra) until the first that is not one (handled by the caller):
  *       its index, or len(burst).
  *
+ *   packed_copy(messages, relid, ncols, key_idx, kind) -> bytes | None
+ *       COPY text (as copy_text writes it) of pgoutput Insert messages of relation
+ *       `relid`, or, when `kind` (bytes) is given, of Inserts and Updates that carry
+ *       only a new row, each followed by a `kind` field, every key (the values at
+ *       `key_idx`) at most once. None when any message is anything else, has
+ *       another relation, a row of other than `ncols` values, a value not sent
+ *       (TOAST) or in binary, or is malformed; or, with `kind`, a key repeats.
+ *
  *   my_decimal(buf, off, precision, scale) -> (Decimal, end) | None
  *       A MySQL binary DECIMAL(precision, scale) at buf[off:]. None when it runs
  *       past the end of buf or a digit group holds more digits than it may (the
@@ -346,6 +354,193 @@ take_rows(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t(i);
 }
 
+/* Growing output buffer of packed_copy. */
+typedef struct {
+    char *buf;
+    Py_ssize_t len, cap;
+} outbuf;
+
+static int
+out_reserve(outbuf *o, Py_ssize_t more)
+{
+    if (o->len + more <= o->cap)
+        return 1;
+    Py_ssize_t cap = o->cap ? o->cap : 65536;
+    while (cap < o->len + more)
+        cap *= 2;
+    char *b = PyMem_Realloc(o->buf, (size_t)cap);
+    if (b == NULL) {
+        PyErr_NoMemory();
+        return 0;
+    }
+    o->buf = b;
+    o->cap = cap;
+    return 1;
+}
+
+static PyObject *
+packed_copy(PyObject *self, PyObject *args)
+{
+    PyObject *messages, *key_idx, *kind;
+    unsigned long relid;
+    Py_ssize_t ncols;
+    if (!PyArg_ParseTuple(args, "OknO!O:packed_copy", &messages, &relid, &ncols, &PyTuple_Type,
+                          &key_idx, &kind))
+        return NULL;
+    if (kind != Py_None && !PyBytes_Check(kind)) {
+        PyErr_SetString(PyExc_TypeError, "packed_copy(): kind must be bytes or None");
+        return NULL;
+    }
+    Py_ssize_t nkeys = PyTuple_GET_SIZE(key_idx);
+    Py_ssize_t *keys = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(nkeys ? nkeys : 1));
+    if (keys == NULL)
+        return PyErr_NoMemory();
+    for (Py_ssize_t k = 0; k < nkeys; k++) {
+        keys[k] = PyLong_AsSsize_t(PyTuple_GET_ITEM(key_idx, k));
+        if (keys[k] == -1 && PyErr_Occurred()) {
+            PyMem_Free(keys);
+            return NULL;
+        }
+    }
+    PyObject *fast = PySequence_Fast(messages, "packed_copy(): messages must be a sequence");
+    if (fast == NULL) {
+        PyMem_Free(keys);
+        return NULL;
+    }
+    /* (start, length) of each value of the current row; length -1 for NULL */
+    Py_ssize_t *spans = PyMem_Malloc(sizeof(Py_ssize_t) * 2 * (size_t)(ncols > 0 ? ncols : 1));
+    PyObject *seen = kind != Py_None ? PySet_New(NULL) : NULL;
+    outbuf o = {NULL, 0, 0};
+    PyObject *result = NULL;
+    int bad = 0;
+    if (spans == NULL || (kind != Py_None && seen == NULL))
+        goto fail;
+    bad = ncols <= 0 || ncols > 0x7FFF;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    for (Py_ssize_t m = 0; m < n && !bad; m++) {
+        if (!PyBytes_Check(items[m])) {
+            bad = 1;
+            break;
+        }
+        const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(items[m]);
+        Py_ssize_t len = PyBytes_GET_SIZE(items[m]);
+        if (len < 8 || !(b[0] == 'I' || (b[0] == 'U' && kind != Py_None)) || b[5] != 'N') {
+            bad = 1;
+            break;
+        }
+        unsigned long r = ((unsigned long)b[1] << 24) | ((unsigned long)b[2] << 16) |
+                          ((unsigned long)b[3] << 8) | (unsigned long)b[4];
+        Py_ssize_t cols = ((Py_ssize_t)b[6] << 8) | b[7];
+        if (r != relid || cols != ncols) {
+            bad = 1;
+            break;
+        }
+        Py_ssize_t pos = 8, need = 1 + (kind != Py_None ? 1 + PyBytes_GET_SIZE(kind) : 0);
+        for (Py_ssize_t c = 0; c < ncols; c++) {
+            if (pos >= len) {
+                bad = 1;
+                break;
+            }
+            if (b[pos] == 'n') {
+                spans[2 * c] = pos + 1;
+                spans[2 * c + 1] = -1;
+                pos += 1;
+                need += 3;
+                continue;
+            }
+            if (b[pos] != 't' || pos + 5 > len) {
+                bad = 1; /* 'u' (TOAST not sent), 'b' (binary), or junk */
+                break;
+            }
+            int32_t vl = (int32_t)(((uint32_t)b[pos + 1] << 24) | ((uint32_t)b[pos + 2] << 16) |
+                                   ((uint32_t)b[pos + 3] << 8) | (uint32_t)b[pos + 4]);
+            if (vl < 0 || pos + 5 + vl > len) {
+                bad = 1;
+                break;
+            }
+            spans[2 * c] = pos + 5;
+            spans[2 * c + 1] = vl;
+            pos += 5 + vl;
+            need += 1 + escaped_size((const char *)b + spans[2 * c], vl);
+        }
+        if (bad || pos != len) {
+            bad = 1;
+            break;
+        }
+        if (seen != NULL) {
+            /* the key as (length, bytes) of each of its values: no two keys alike */
+            Py_ssize_t klen = 0;
+            for (Py_ssize_t k = 0; k < nkeys; k++) {
+                if (keys[k] < 0 || keys[k] >= ncols) {
+                    bad = 1;
+                    break;
+                }
+                klen += 4 + (spans[2 * keys[k] + 1] > 0 ? spans[2 * keys[k] + 1] : 0);
+            }
+            if (bad)
+                break;
+            PyObject *kb = PyBytes_FromStringAndSize(NULL, klen);
+            if (kb == NULL)
+                goto fail;
+            char *kp = PyBytes_AS_STRING(kb);
+            for (Py_ssize_t k = 0; k < nkeys; k++) {
+                Py_ssize_t vl = spans[2 * keys[k] + 1];
+                uint32_t u = (uint32_t)vl; /* -1 (NULL) stays distinct from "" */
+                kp[0] = (char)(u >> 24);
+                kp[1] = (char)(u >> 16);
+                kp[2] = (char)(u >> 8);
+                kp[3] = (char)u;
+                kp += 4;
+                if (vl > 0) {
+                    memcpy(kp, b + spans[2 * keys[k]], (size_t)vl);
+                    kp += vl;
+                }
+            }
+            int had = PySet_Contains(seen, kb);
+            if (had == 0)
+                had = PySet_Add(seen, kb) < 0 ? -1 : 0;
+            Py_DECREF(kb);
+            if (had < 0)
+                goto fail;
+            if (had == 1) {
+                bad = 1;
+                break;
+            }
+        }
+        if (!out_reserve(&o, need))
+            goto fail;
+        char *w = o.buf + o.len;
+        for (Py_ssize_t c = 0; c < ncols; c++) {
+            if (c)
+                *w++ = '\t';
+            if (spans[2 * c + 1] < 0) {
+                *w++ = '\\';
+                *w++ = 'N';
+            }
+            else
+                w = write_escaped(w, (const char *)b + spans[2 * c], spans[2 * c + 1]);
+        }
+        if (kind != Py_None) {
+            *w++ = '\t';
+            memcpy(w, PyBytes_AS_STRING(kind), (size_t)PyBytes_GET_SIZE(kind));
+            w += PyBytes_GET_SIZE(kind);
+        }
+        *w++ = '\n';
+        o.len = w - o.buf;
+    }
+    result = bad ? Py_NewRef(Py_None) : PyBytes_FromStringAndSize(o.buf ? o.buf : "", o.len);
+fail:
+    PyMem_Free(o.buf);
+    PyMem_Free(spans);
+    PyMem_Free(keys);
+    Py_XDECREF(seen);
+    Py_DECREF(fast);
+    if (result == NULL && !PyErr_Occurred())
+        PyErr_NoMemory();
+    return result;
+}
+
 static const int dig2bytes[10] = {0, 1, 1, 2, 2, 3, 3, 4, 4, 4};
 static const uint32_t pow10s[10] = {1,      10,      100,      1000,      10000,
                                     100000, 1000000, 10000000, 100000000, 1000000000};
@@ -506,6 +701,7 @@ static PyMethodDef methods[] = {
     {"copy_text", copy_text, METH_O, "rows in COPY text format"},
     {"decode_rows", decode_rows, METH_VARARGS, "pgoutput row changes as records"},
     {"take_rows", take_rows, METH_VARARGS, "row-change XLogData of a burst, kept as bytes"},
+    {"packed_copy", packed_copy, METH_VARARGS, "COPY text of pgoutput row messages"},
     {"my_decimal", my_decimal, METH_VARARGS, "a MySQL binary DECIMAL"},
     {"my_datetime2", my_datetime2, METH_VARARGS, "a MySQL DATETIME2"},
     {NULL, NULL, 0, NULL},

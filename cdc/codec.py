@@ -63,6 +63,7 @@ another kind carries it as an 11th element. ``pg_text`` is ``[[table_index, [oid
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,8 +84,17 @@ from zoneinfo import ZoneInfo
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 from dataflare.cdc.errors import FatalError
-from dataflare.cdc.model import Batch, Change, Column, Op, Position, TableId, TableSchema
-from dataflare.cdc.postgres.packed import unpack_changes
+from dataflare.cdc.model import (
+    Batch,
+    Change,
+    Column,
+    Op,
+    Packed,
+    Position,
+    TableId,
+    TableSchema,
+)
+from dataflare.cdc.postgres.packed import DECODER, unpack_changes
 
 __all__ = [
     "FORMAT_VERSION",
@@ -698,8 +708,12 @@ def peek_batch(data: bytes | bytearray | memoryview[Any]) -> BatchHeader:
         return _header(mv, _split(mv))
 
 
-def decode_batch(data: bytes | bytearray | memoryview[Any]) -> Batch:
-    """The batch :func:`encode_batch` encoded; malformed frames raise :class:`FatalError`."""
+def decode_batch(data: bytes | bytearray | memoryview[Any], keep_packed: bool = False) -> Batch:
+    """The batch :func:`encode_batch` encoded; malformed frames raise :class:`FatalError`.
+
+    With ``keep_packed``, changes a source packed (``Batch.packed``) stay packed:
+    ``changes`` is empty until :func:`unpack_batch` (a destination that writes the
+    packed form as it is never builds a change per row)."""
     with _view(data) as mv:
         end = _split(mv)
         head = _header(mv, end)
@@ -719,6 +733,17 @@ def decode_batch(data: bytes | bytearray | memoryview[Any]) -> Batch:
     packed = len(body) == 5
     if type(raw_changes) is not list or len(raw_changes) != (0 if packed else head.count):
         raise _corrupt(f"header counts {head.count} changes, the body holds another number")
+    pg_text = _pg_text(body[3], tables) if len(body) >= 4 else {}
+    if packed and keep_packed:
+        raw = body[4]
+        if type(raw) is not list or len(raw) != 2 or type(raw[0]) is not str:
+            raise _corrupt("bad packed changes")
+        if raw[0] != DECODER:
+            raise _corrupt(f"unknown packed-change format {raw[0]!r}")
+        return Batch(
+            [], schemas, head.first, head.last, head.complete, pg_text=pg_text,
+            packed=Packed(DECODER, head.count, raw[1]),
+        )  # fmt: skip
     try:
         if packed:
             changes = _unpack_changes(body[4], schemas)
@@ -732,8 +757,24 @@ def decode_batch(data: bytes | bytearray | memoryview[Any]) -> Batch:
         raise _corrupt(f"a change has an unknown op or table index ({_reason(e)})") from e
     except Exception as e:  # a wrong type where a change field was expected
         raise _corrupt(f"bad change record ({_reason(e)})") from e
-    pg_text = _pg_text(body[3], tables) if len(body) >= 4 else {}
     return Batch(changes, schemas, head.first, head.last, head.complete, pg_text=pg_text)
+
+
+def unpack_batch(batch: Batch) -> Batch:
+    """``batch`` with changes a source packed (``decode_batch(..., keep_packed=True)``)
+    decoded into ``changes``; any other batch as it is."""
+    packed = batch.packed
+    if packed is None:
+        return batch
+    try:
+        changes = unpack_changes(packed.payload, batch.schemas)
+    except FatalError:
+        raise
+    except Exception as e:
+        raise _corrupt(f"bad change record ({_reason(e)})") from e
+    if len(changes) != packed.count:
+        raise _corrupt(f"header counts {packed.count} changes, {len(changes)} unpacked")
+    return dataclasses.replace(batch, changes=changes, packed=None)
 
 
 def _unpack_changes(raw: Any, schemas: list[TableSchema]) -> list[Change]:

@@ -36,6 +36,7 @@ from dataflare.cdc.codec import (
     encode_batch,
     encode_position,
     packb,
+    unpack_batch,
     unpackb,
 )
 from dataflare.cdc.errors import (
@@ -336,8 +337,28 @@ class Applier:
 
     # -------------------------------------------------------------------- apply
 
+    def keeps_packed(self, source: str) -> bool:
+        """May batches of ``source`` reach its destinations still packed (as their
+        source's wire form, ``Batch.packed``)? Only when nothing between needs
+        changes: no transformation, and every destination writes the packed form
+        itself (``takes_packed``) and does not isolate refused records."""
+        return self.pipeline is None and all(
+            self.pg_text[d]
+            and getattr(self.sinks[d], "takes_packed", False)
+            and not self._isolating(d)
+            for d in self.routes[source]
+        )
+
     def apply(self, source: str, batch: Batch) -> None:
         dests = self.routes[source]
+        if batch.packed is not None and not (
+            self.keeps_packed(source)
+            and not batch.replay
+            and all(  # no destination has part of it already (a re-sent window)
+                (done := self.checkpoints[d][source]) is None or batch.first > done for d in dests
+            )
+        ):
+            batch = unpack_batch(batch)
         if batch.pg_text and not all(self.pg_text[d] for d in dests):
             batch = materialize(batch)
         changes = batch.changes
@@ -362,16 +383,20 @@ class Applier:
             part_changes, schemas = outputs.get(dest, ([], {}))
             if done is not None and batch.first <= done:
                 part_changes = [c for c in part_changes if c.position > done]
-            part = Batch(
-                part_changes,
-                batch.schemas if schemas is None else list(schemas.values()),
-                batch.first,
-                batch.last,
-                batch.complete,
-                pg_text=batch.pg_text,
+            part = (
+                batch
+                if batch.packed is not None
+                else Batch(
+                    part_changes,
+                    batch.schemas if schemas is None else list(schemas.values()),
+                    batch.first,
+                    batch.last,
+                    batch.complete,
+                    pg_text=batch.pg_text,
+                )
             )
             self._write(dest, source, part)
-            self.records_out += len(part.changes)
+            self.records_out += len(part)
             if batch.complete:
                 self.checkpoints[dest][source] = batch.last
         self.batches += 1
@@ -838,7 +863,7 @@ def _apply_loop(
                     break
                 if frame is None:
                     break
-                batch = decode_batch(frame)
+                batch = decode_batch(frame, keep_packed=applier.keeps_packed(name))
                 applier.apply(name, batch)
                 if batch.complete:
                     sticky = None

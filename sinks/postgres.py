@@ -37,6 +37,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+from dataflare.cdc.codec import unpack_batch
 from dataflare.cdc.errors import DataflareError, FatalError, RecordRefused, RetryableError
 from dataflare.cdc.model import (
     Batch,
@@ -50,12 +51,13 @@ from dataflare.cdc.model import (
     row_dict,
 )
 from dataflare.cdc.mysql import types as mysql_types
+from dataflare.cdc.postgres.packed import packed_rows
 from dataflare.cdc.postgres.text_rows import materialize
 from dataflare.cdc.postgres.types import TEXT_FORM_OIDS
 from dataflare.sinks.base import SinkContext
 from dataflare.sinks.configs import PostgresSinkConfig
 from dataflare.sinks.envelope import to_json
-from dataflare.sinks.pg_copy_text import copy_text
+from dataflare.sinks.pg_copy_text import copy_text, packed_copy
 from dataflare.sinks.sql_common import (
     InsertRows,
     KeyedSegment,
@@ -74,6 +76,7 @@ ANY_TEXT_OID = 705  # "unknown": only a lookup key for _AnyTextDumper (COPY text
 INT2_OID = 21
 KIND_COLUMN = "__dataflare_kind"  # staging: 0 upsert, 1 delete, 2+ partial update group
 K_UPSERT, K_DELETE, K_PARTIAL = 0, 1, 2
+_K_UPSERT_TEXT = str(K_UPSERT).encode()
 # A type name as the source's catalog prints it (format_type): a possibly qualified,
 # possibly quoted name, or one of SQL's multi-word types; modifiers; array brackets.
 # Only such names are put into SQL (they are probed in the target, then used in DDL);
@@ -198,6 +201,9 @@ def scrub(text: str, dsn: str) -> str:
 
 class PostgresSink(TransactionalSqlSink):
     label = "postgres destination"
+    # Batches may arrive still packed by a postgres source (Batch.packed): see
+    # _write_packed. (Only batches of pg_text rows: upsert mode.)
+    takes_packed = True
 
     @staticmethod
     def takes_pg_text(config: PostgresSinkConfig) -> bool:
@@ -443,6 +449,10 @@ class PostgresSink(TransactionalSqlSink):
 
     def _write_upsert(self, batch: Batch) -> None:
         conn = self._require()
+        if batch.packed is not None:
+            if self._write_packed(batch):
+                return
+            batch = unpack_batch(batch)
         if batch.pg_text:
             layouts = batch.schema_map()
             if not all(self._prepare(layouts[tb]).text_ok for tb in batch.pg_text if tb in layouts):
@@ -468,6 +478,41 @@ class PostgresSink(TransactionalSqlSink):
                 elif isinstance(step, Truncate):
                     conn.execute(sql.SQL("TRUNCATE {}").format(t.ident))
 
+    def _write_packed(self, batch: Batch) -> bool:
+        """A batch still packed as pgoutput messages (``Batch.packed``), written
+        straight from them when it is the bulk of a catch-up: one keyed table, only
+        inserts, or only inserts and updates of whole rows with each key once. Its
+        COPY text is made from the messages in C, so no change is built per row.
+        Inserts load with a plain COPY into the table where that is safe (see
+        _insert_directly), the rest through staging and the upsert. False, with
+        nothing written, for anything else (the general path then takes it)."""
+        assert batch.packed is not None
+        one = packed_rows(batch.packed.payload, batch.schemas)
+        if one is None:
+            return False
+        schema, relid, messages = one
+        if len(messages) != batch.packed.count:
+            return False  # a corrupt frame: unpacking it says so
+        if not schema.key or schema.table not in batch.pg_text:
+            return False
+        t = self._prepare(schema)
+        if not t.text_ok:
+            return False
+        self._current = t.label
+        ncols = len(schema.columns)
+        if t.direct_ok and not t.direct_skip:
+            data = packed_copy(messages, relid, ncols, (), None)
+            if data is not None:  # only inserts
+                return self._insert_directly(t, data)
+        data = packed_copy(messages, relid, ncols, schema.key_indexes(), _K_UPSERT_TEXT)
+        if data is None:
+            return False
+        if t.direct_ok and t.direct_skip:
+            t.direct_skip -= 1
+        self._stage(t, data)
+        self._require().execute(t.upsert_sql or sql.SQL(""))
+        return True
+
     def _copy(
         self, stmt: sql.Composed | None, oids: Sequence[int], rows: Sequence[Sequence[Any]]
     ) -> None:
@@ -477,13 +522,14 @@ class PostgresSink(TransactionalSqlSink):
             for row in rows:
                 copy.write_row(row)
 
-    def _copy_rows(self, t: _Table, staging: bool, rows: Sequence[Sequence[Any]]) -> None:
-        """COPY into the target (or its staging table: rows end with the kind)."""
-        if self._raw:
+    def _copy_rows(self, t: _Table, staging: bool, rows: Sequence[Sequence[Any]] | bytes) -> None:
+        """COPY into the target (or its staging table: rows end with the kind); rows
+        as COPY text already when they are bytes."""
+        if isinstance(rows, bytes) or self._raw:
             stmt = t.copy_staging_text if staging else t.copy_target_text
             assert stmt is not None
             with self._require().cursor() as cur, cur.copy(stmt) as copy:
-                copy.write(copy_text(rows))
+                copy.write(rows if isinstance(rows, bytes) else copy_text(rows))
         elif staging:
             self._copy(t.copy_staging, [*t.dump_oids, INT2_OID], rows)
         else:
@@ -533,7 +579,7 @@ class PostgresSink(TransactionalSqlSink):
         for g, (unchanged, _) in enumerate(groups):
             conn.execute(self._partial_sql(t, unchanged), [K_PARTIAL + g])
 
-    def _stage(self, t: _Table, rows: list[tuple[Any, ...]]) -> None:
+    def _stage(self, t: _Table, rows: list[tuple[Any, ...]] | bytes) -> None:
         """Fill the table's staging table (emptied first if this transaction used it)."""
         conn = self._require()
         assert t.staging is not None and t.staging_ddl is not None
@@ -546,7 +592,7 @@ class PostgresSink(TransactionalSqlSink):
         self._staging_used.add(sname)
         self._copy_rows(t, True, rows)
 
-    def _insert_directly(self, t: _Table, rows: list[Row]) -> bool:
+    def _insert_directly(self, t: _Table, rows: list[Row] | bytes) -> bool:
         """Load rows that were inserted at the source with a plain COPY into the
         target, inside a savepoint: the fastest path there is. False (nothing written)
         when a key exists, as after a snapshot overlap or in a target that already held

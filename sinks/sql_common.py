@@ -368,7 +368,7 @@ class TransactionalSqlSink:
                 f"incomplete transaction of {self._partial_source}"
             )
         with self._translate_errors():
-            if batch.changes:
+            if len(batch):
                 if self.mode == "append":
                     self._write_append(batch)
                 else:
@@ -381,7 +381,7 @@ class TransactionalSqlSink:
                 self._partial_source = None
             else:
                 self._partial_source = source
-        self.records_written += len(batch.changes)
+        self.records_written += len(batch)
 
     def _count_missing(self, affected: int, label: str, c: Change) -> None:
         """A keyless table's update or delete must affect exactly one equal row."""

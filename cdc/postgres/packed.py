@@ -38,6 +38,40 @@ def pack(relids: list[list[int]], txns: list[list[Any]]) -> list[Any]:
     return [relids, msgpack.packb(txns)]
 
 
+def packed_rows(
+    payload: Any, schemas: Sequence[TableSchema]
+) -> tuple[TableSchema, int, list[Any]] | None:
+    """(layout, relid, messages of every transaction in order) of a payload whose
+    changes all belong to one relation; None for several relations, or anything
+    malformed (:func:`unpack_changes` then says what)."""
+    if type(payload) is not list or len(payload) != 2 or type(payload[1]) is not bytes:
+        return None
+    rels, blob = payload
+    if type(rels) is not list or len(rels) != 1:
+        return None
+    item = rels[0]
+    if (
+        type(item) is not list
+        or len(item) != 2
+        or type(item[0]) is not int
+        or type(item[1]) is not int
+        or not 0 <= item[1] < len(schemas)
+    ):
+        return None
+    try:
+        txns = msgpack.unpackb(blob, use_list=False)
+    except Exception:
+        return None
+    if type(txns) is not tuple:
+        return None
+    messages: list[Any] = []
+    for txn in txns:
+        if type(txn) is not tuple or len(txn) != 5 or type(txn[4]) is not tuple:
+            return None
+        messages.extend(txn[4])
+    return schemas[item[1]], item[0], messages
+
+
 def _records(msgs: tuple[Any, ...]) -> list[Any]:
     """Row records of a transaction's messages (relids of truncates stay ints)."""
     try:
