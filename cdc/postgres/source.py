@@ -69,6 +69,7 @@ _OP_OF_TAG = {0x49: Op.INSERT, 0x55: Op.UPDATE, 0x44: Op.DELETE, _TRUNCATE_TAG: 
 _TABLE_TAG = operator.itemgetter(2, 0)  # (relid, tag) of a packed _Pending
 _MESSAGE = operator.itemgetter(3)
 _REL = operator.itemgetter(1)
+_RELID = operator.itemgetter(2)  # of a packed _Pending
 
 
 def _py_take_rows(
@@ -886,9 +887,18 @@ class PostgresSource:
             return False  # nothing published in it; the keepalive heartbeat covers it
         # A spilled transaction always ends with a complete batch, even an empty one.
         pos = Position(KIND, msg.end_lsn)
-        # Relations by id (hashing a _Relation's TableId per change would cost more).
-        for rel in {id(r): r for r in map(_REL, pending)}.values():
-            self._ready_rels[rel.schema.table] = rel
+        if self._pg_text:
+            # Packed records hold their relid: the distinct ones in a C-speed pass
+            # (a layout change inside the transaction spilled what came before it,
+            # so each relid's relation is the current one).
+            relations = self._relations
+            for relid in set(map(_RELID, pending)):
+                rel = relations[relid]
+                self._ready_rels[rel.schema.table] = rel
+        else:
+            # Relations by id (hashing a _Relation's TableId per change would cost more).
+            for rel in {id(r): r for r in map(_REL, pending)}.values():
+                self._ready_rels[rel.schema.table] = rel
         xid = begin.xid if begin else None
         if self._pg_text:
             self._ready_txns.append([msg.end_lsn, "", xid, msg.commit_ts_us, _messages(pending)])
