@@ -35,8 +35,9 @@
  *
  *   my_decimal(buf, off, precision, scale) -> (Decimal, end) | None
  *       A MySQL binary DECIMAL(precision, scale) at buf[off:]. None when it runs
- *       past the end of buf or a digit group holds more digits than it may (the
- *       pure-Python reader then decides what that means).
+ *       past the end of buf, a digit group holds more digits than it may, or the
+ *       precision and scale are not a DECIMAL's (the pure-Python reader then
+ *       decides what that means).
  *
  *   my_datetime2(buf, off, fsp) -> (datetime | None, end) | None
  *       A MySQL DATETIME(fsp) (binlog type DATETIME2) at buf[off:]: the value, or
@@ -573,14 +574,14 @@ my_decimal(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*nii:my_decimal", &view, &off, &precision, &scale))
         return NULL;
     PyObject *result = NULL;
-    if (precision < 1 || precision > 65 || scale < 0 || scale > 30 || scale > precision) {
-        PyErr_SetString(PyExc_ValueError, "my_decimal(): bad precision or scale");
+    if (precision < 1 || precision > 65 || scale < 0 || scale > precision) {
+        result = Py_NewRef(Py_None); /* not a layout MySQL makes: the Python reader's */
         goto done;
     }
     int intg = precision - scale;
     int intg0 = intg / 9, intg0x = intg % 9, frac0 = scale / 9, frac0x = scale % 9;
     Py_ssize_t size = dig2bytes[intg0x] + intg0 * 4 + frac0 * 4 + dig2bytes[frac0x];
-    if (off < 0 || off + size > view.len) {
+    if (off < 0 || off > view.len || size > view.len - off) {
         result = Py_NewRef(Py_None);
         goto done;
     }
@@ -592,8 +593,9 @@ my_decimal(PyObject *self, PyObject *args)
     if (negative)
         for (Py_ssize_t i = 0; i < size; i++)
             d[i] ^= 0xFF;
-    char text[1 + 72 + 1 + 30 + 1];
-    char *out = text + 1;
+    /* sign, a "0" when there is no integer part, 65 digits, the point */
+    char text[2 + 65 + 1 + 1];
+    char *out = text + 2;
     const unsigned char *g = d;
     int ok = 1;
     if (intg0x) {
@@ -603,7 +605,7 @@ my_decimal(PyObject *self, PyObject *args)
     for (int i = 0; ok && i < intg0; i++, g += 4)
         ok = put_group(g, 4, 9, &out);
     /* The integer part as str(int) writes it: no leading zeros, "0" when zero. */
-    char *start = text + 1;
+    char *start = text + 2;
     while (start < out && *start == '0')
         start++;
     if (start == out)
@@ -659,7 +661,7 @@ my_datetime2(PyObject *self, PyObject *args)
     int nfrac = (fsp + 1) / 2;
     static const long mult[4] = {1, 10000, 100, 1};
     Py_ssize_t size = 5 + nfrac;
-    if (off < 0 || off + size > view.len) {
+    if (off < 0 || off > view.len || size > view.len - off) {
         result = Py_NewRef(Py_None);
         goto done;
     }

@@ -40,7 +40,7 @@ def encode_decimal(d: Decimal, p: int, s: int) -> bytes:
 @st.composite
 def decimals(draw: st.DrawFn) -> tuple[Decimal, int, int]:
     p = draw(st.integers(1, 65))
-    s = draw(st.integers(0, min(p, 30)))
+    s = draw(st.integers(0, min(p, 38)))  # MariaDB allows a scale up to 38
     ip = draw(st.integers(0, 10 ** (p - s) - 1)) if p > s else 0
     fp = draw(st.integers(0, 10**s - 1)) if s else 0
     sign = "-" if draw(st.booleans()) else ""
@@ -64,6 +64,21 @@ def outcome(read: Any, buf: bytes, off: int) -> Any:
         return type(e).__name__
 
 
+def test_decimal_without_integer_digits_and_scale_above_30() -> None:
+    """DECIMAL(5,5) negatives (no integer digit before the point) and MariaDB's
+    scales 31-38 read as the Python reader reads them."""
+    for d, p, s in [
+        (Decimal("-0.12345"), 5, 5),
+        (Decimal("0.00000"), 5, 5),
+        (Decimal("-1." + "7" * 37), 38, 37),
+        (Decimal("12345678901234567890123456." + "9" * 38), 64, 38),
+        (Decimal("-" + "0." + "0" * 37 + "1"), 38, 38),
+    ]:
+        raw = encode_decimal(d, p, s)
+        got = _decimal_reader(p, s)(raw, 0)
+        assert repr(got) == repr(decode._py_decimal_reader(p, s)(raw, 0)) == repr((d, len(raw)))
+
+
 def test_the_c_readers_are_in_use() -> None:
     assert decode._c_decimal is _speedups.my_decimal
     assert decode._c_datetime2 is _speedups.my_datetime2
@@ -82,7 +97,7 @@ def test_decimal_c_and_python_agree(case: tuple[Decimal, int, int], head: bytes)
 @settings(max_examples=300)
 @given(st.integers(1, 65), st.data(), st.binary(max_size=40), st.integers(0, 4))
 def test_decimal_readers_agree_on_any_bytes(p: int, data: Any, buf: bytes, off: int) -> None:
-    s = data.draw(st.integers(0, min(p, 30)))
+    s = data.draw(st.integers(0, min(p, 38)))
     fast = _decimal_reader(p, s)
     assert outcome(fast, buf, off) == outcome(decode._py_decimal_reader(p, s), buf, off)
 
