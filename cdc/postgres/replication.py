@@ -182,7 +182,12 @@ class ReplicationConnection:
                 )
             if not drained and (out or self._flowing):
                 # libpq reads at most ~16 KB a time: take what else the kernel holds.
-                self._consume()
+                try:
+                    self._consume()
+                except RetryableError:
+                    if out:
+                        return out  # deliver what came first; the next call fails
+                    raise
                 drained = True
                 continue
             if out:
@@ -192,7 +197,7 @@ class ReplicationConnection:
                 deadline = time.monotonic() + timeout
                 if self._flowing:
                     self._flowing = False
-                    time.sleep(min(COALESCE_S, timeout))
+                    time.sleep(max(0.0, min(COALESCE_S, timeout)))
                     drained = False  # look at what came meanwhile
                     continue
             remaining = deadline - time.monotonic()
