@@ -21,6 +21,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 # ReplicationConnection.read_many): long enough to collect a few hundred messages,
 # too short to matter for latency.
 COALESCE_S = 0.0005
+# A read from the socket that brought fewer messages than this was a trickle: stop
+# reading and hand the burst over rather than wake again for the next few.
+DRAIN_MIN = 32
 PINNED_OPTIONS = "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3"
 
 
@@ -153,21 +156,22 @@ class ReplicationConnection:
         """Up to ``limit`` CopyData payloads: waits up to ``timeout`` for the first,
         then takes what has arrived (one wait per burst, not per message).
 
-        While the stream flows (the previous call returned messages), a wait starts
-        with a short pause: the walsender sends each message as its own packet, and
-        waking for every one or two of them cost about 7 us of system calls per row,
-        more than everything else the source does. Paused, the kernel collects a few
-        hundred, read in a few calls. An idle stream waits without the pause."""
+        The walsender sends each message as its own packet; a reader faster than it
+        that took whatever had arrived woke for every one or two messages, about
+        7 us of system calls per row, more than everything else the source does.
+        So while the stream flows (the previous call returned messages), a call
+        that finds nothing buffered first pauses briefly, then reads what gathered
+        (libpq reads at most ~16 KB at a time: it reads again while a read brings
+        plenty, and stops at a trickle). An idle stream waits without the pause."""
         pg = self.pgconn
         assert pg is not None
         out: list[memoryview] = []
         deadline = 0.0
-        drained = False  # asked the socket for more since the last message
+        mark = -1  # len(out) at the last read from the socket; -1: none yet
         while len(out) < limit:
             n, data = pg.get_copy_data(1)
             if n > 0:
                 out.append(data)
-                drained = False
                 continue
             if n == -1:
                 if out:
@@ -180,34 +184,31 @@ class ReplicationConnection:
                 raise RetryableError(
                     f"postgres {self.target}: replication stream error: {_msg(pg)}"
                 )
-            if not drained and (out or self._flowing):
-                # libpq reads at most ~16 KB a time: take what else the kernel holds.
+            if out:
+                if len(out) - max(mark, 0) < DRAIN_MIN:
+                    break  # a trickle: the socket is drained
+                mark = len(out)
                 try:
                     self._consume()
                 except RetryableError:
-                    if out:
-                        return out  # deliver what came first; the next call fails
-                    raise
-                drained = True
+                    return out  # deliver what came first; the next call fails
                 continue
-            if out:
-                self._flowing = True
-                return out
             if not deadline:
                 deadline = time.monotonic() + timeout
                 if self._flowing:
                     self._flowing = False
                     time.sleep(max(0.0, min(COALESCE_S, timeout)))
-                    drained = False  # look at what came meanwhile
+                    mark = 0
+                    self._consume()
                     continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return out
             r, _, _ = select.select([pg.socket], [], [], remaining)
             if r:
+                mark = 0
                 self._consume()
-                drained = True
-        self._flowing = True
+        self._flowing = bool(out)
         return out
 
     def _consume(self) -> None:

@@ -405,16 +405,23 @@ def test_large_transaction_is_spilled_in_incomplete_batches(items_db: str) -> No
 def test_a_flowing_stream_is_read_in_bursts(items_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The walsender sends each message as its own packet; woken per packet, the
     source spent most of its CPU in system calls (about 2 messages per wait). While
-    the stream flows, a read pauses briefly first and takes what gathered."""
+    the stream flows, a read pauses briefly first and takes what gathered, reading
+    the socket again only while a read brings plenty."""
     from dataflare.cdc.postgres import replication
 
-    waits = 0
+    waits = reads = 0
     real_select = replication.select.select
+    real_consume = replication.ReplicationConnection._consume
 
     def counting_select(*args: Any) -> Any:
         nonlocal waits
         waits += 1
         return real_select(*args)
+
+    def counting_consume(self: Any) -> None:
+        nonlocal reads
+        reads += 1
+        real_consume(self)
 
     # A backlog made before the source starts, bigger than the socket buffers hold:
     # the source then reads as fast as the walsender sends, as when catching up.
@@ -438,13 +445,16 @@ def test_a_flowing_stream_is_read_in_bursts(items_db: str, monkeypatch: pytest.M
     )
     src = PostgresSource("src", cfg, SourceContext("wf test", pg_text=True))
     monkeypatch.setattr(replication.select, "select", counting_select)
+    monkeypatch.setattr(replication.ReplicationConnection, "_consume", counting_consume)
     try:
         src.open(None)
         got = sum(len(b) for b in drain(src, rows, timeout=60))
     finally:
         src.close()
     assert got == rows
+    # neither waits nor reads from the socket per packet (each was ~1 per 2 rows)
     assert waits < rows / 20, f"{waits} waits for {got} messages"
+    assert reads < rows / 20, f"{reads} socket reads for {got} messages"
 
 
 def test_table_without_key_under_default_identity_is_refused(pg_db: str) -> None:
