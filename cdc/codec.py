@@ -734,23 +734,19 @@ def decode_batch(data: bytes | bytearray | memoryview[Any], keep_packed: bool = 
     if type(raw_changes) is not list or len(raw_changes) != (0 if packed else head.count):
         raise _corrupt(f"header counts {head.count} changes, the body holds another number")
     pg_text = _pg_text(body[3], tables) if len(body) >= 4 else {}
-    if packed and keep_packed:
+    if packed:
         raw = body[4]
         if type(raw) is not list or len(raw) != 2 or type(raw[0]) is not str:
             raise _corrupt("bad packed changes")
         if raw[0] != DECODER:
             raise _corrupt(f"unknown packed-change format {raw[0]!r}")
-        return Batch(
+        batch = Batch(
             [], schemas, head.first, head.last, head.complete, pg_text=pg_text,
             packed=Packed(DECODER, head.count, raw[1]),
         )  # fmt: skip
+        return batch if keep_packed else unpack_batch(batch)
     try:
-        if packed:
-            changes = _unpack_changes(body[4], schemas)
-            if len(changes) != head.count:
-                raise _corrupt(f"header counts {head.count} changes, {len(changes)} unpacked")
-        else:
-            changes = _changes(raw_changes, dict(enumerate(tables)), head.first.kind)
+        changes = _changes(raw_changes, dict(enumerate(tables)), head.first.kind)
     except FatalError:
         raise
     except KeyError as e:
@@ -775,15 +771,6 @@ def unpack_batch(batch: Batch) -> Batch:
     if len(changes) != packed.count:
         raise _corrupt(f"header counts {packed.count} changes, {len(changes)} unpacked")
     return dataclasses.replace(batch, changes=changes, packed=None)
-
-
-def _unpack_changes(raw: Any, schemas: list[TableSchema]) -> list[Change]:
-    if type(raw) is not list or len(raw) != 2 or type(raw[0]) is not str:
-        raise _corrupt("bad packed changes")
-    decoder, payload = raw
-    if decoder != "pgoutput":
-        raise _corrupt(f"unknown packed-change format {decoder!r}")
-    return unpack_changes(payload, schemas)
 
 
 def _pg_text(raw: Any, tables: list[TableId]) -> dict[TableId, tuple[int, ...]]:

@@ -317,6 +317,7 @@ class Applier:
         self.last_errors: dict[str, str] = {}
         self._writing: dict[TableId, TableSchema] = {}
         self.pg_text = {d.name: takes_pg_text(wf, d.name) for d in wf.destinations}
+        self._keeps_packed: dict[str, bool] = {}
 
     def open(self) -> None:
         if self.pipeline is not None:
@@ -341,13 +342,17 @@ class Applier:
         """May batches of ``source`` reach its destinations still packed (as their
         source's wire form, ``Batch.packed``)? Only when nothing between needs
         changes: no transformation, and every destination writes the packed form
-        itself (``takes_packed``) and does not isolate refused records."""
-        return self.pipeline is None and all(
-            self.pg_text[d]
-            and getattr(self.sinks[d], "takes_packed", False)
-            and not self._isolating(d)
-            for d in self.routes[source]
-        )
+        itself (``takes_packed``) and does not isolate refused records. (Fixed for
+        the life of the process: asked per batch, worked out once.)"""
+        keeps = self._keeps_packed.get(source)
+        if keeps is None:
+            keeps = self._keeps_packed[source] = self.pipeline is None and all(
+                self.pg_text[d]
+                and getattr(self.sinks[d], "takes_packed", False)
+                and not self._isolating(d)
+                for d in self.routes[source]
+            )
+        return keeps
 
     def apply(self, source: str, batch: Batch) -> None:
         dests = self.routes[source]

@@ -641,6 +641,15 @@ _INLINE_INTS = {
 }
 
 
+def _c_call(c: ColumnSpec) -> str | None:
+    """The C reader call for a column the generated decoder reads through C."""
+    if c.type_code == NEWDECIMAL and _c_decimal is not None:
+        return f"_dec(buf, off, {c.precision}, {c.decimals})"
+    if c.type_code == DATETIME2 and _c_datetime2 is not None:
+        return f"_dt2(buf, off, {c.fsp})"
+    return None
+
+
 def _generate_full_decoder(
     specs: Sequence[ColumnSpec], readers: Sequence[Reader]
 ) -> Callable[[bytes, int], tuple[Row, int]]:
@@ -650,7 +659,8 @@ def _generate_full_decoder(
     n = len(specs)
     nbytes = (n + 7) // 8
     env: dict[str, Any] = {"_i16": _i16, "_u16": _u16, "_i32": _i32, "_u32": _u32,
-                           "_i64": _i64, "_u64": _u64, "_f64": _f64}  # fmt: skip
+                           "_i64": _i64, "_u64": _u64, "_f64": _f64,
+                           "_dec": _c_decimal, "_dt2": _c_datetime2}  # fmt: skip
     lines = [
         "def decode(buf, off):",
         f"    nulls = int.from_bytes(buf[off:off + {nbytes}], 'little')",
@@ -679,19 +689,12 @@ def _generate_full_decoder(
                 f"{v} = buf[off + 2:off + 2 + ln].decode(c{i})",
                 "off += 2 + ln",
             ]
-        elif c.type_code == NEWDECIMAL and _c_decimal is not None:
-            # C straight from the decoder (no reader frame); the reader for what C leaves
-            env["_dec"] = _c_decimal
+        elif (call := _c_call(c)) is not None:
+            # C straight from the decoder (no reader frame); the reader for what C
+            # leaves (None: past the end, out of range; a value of None: a zero date)
             env[f"r{i}"] = readers[i]
             body = [
-                f"t = _dec(buf, off, {c.precision}, {c.decimals})",
-                f"{v}, off = t if t is not None else r{i}(buf, off)",
-            ]
-        elif c.type_code == DATETIME2 and _c_datetime2 is not None:
-            env["_dt2"] = _c_datetime2
-            env[f"r{i}"] = readers[i]
-            body = [
-                f"t = _dt2(buf, off, {c.fsp})",
+                f"t = {call}",
                 f"{v}, off = t if t is not None and t[0] is not None else r{i}(buf, off)",
             ]
         else:

@@ -38,38 +38,47 @@ def pack(relids: list[list[int]], txns: list[list[Any]]) -> list[Any]:
     return [relids, msgpack.packb(txns)]
 
 
+def _split(payload: Any, schemas: Sequence[TableSchema]) -> tuple[list[Any], Any]:
+    """(relid, layout) of each relation of a payload, and its transactions."""
+    if type(payload) is not list or len(payload) != 2 or type(payload[1]) is not bytes:
+        raise _corrupt("payload is not [relations, bytes]")
+    raw_rels, blob = payload
+    if type(raw_rels) is not list:
+        raise _corrupt("bad relations")
+    rels = []
+    for item in raw_rels:
+        if type(item) is not list or len(item) != 2 or type(item[1]) is not int:
+            raise _corrupt("bad relation entry")
+        relid, ti = item
+        if not 0 <= ti < len(schemas):
+            raise _corrupt(f"relation {relid} names no table layout of the batch")
+        rels.append((relid, schemas[ti]))
+    try:
+        txns = msgpack.unpackb(blob, use_list=False)
+    except Exception as e:
+        raise _corrupt(f"bad records ({type(e).__name__})") from None
+    return rels, txns
+
+
 def packed_rows(
     payload: Any, schemas: Sequence[TableSchema]
 ) -> tuple[TableSchema, int, list[Any]] | None:
     """(layout, relid, messages of every transaction in order) of a payload whose
     changes all belong to one relation; None for several relations, or anything
     malformed (:func:`unpack_changes` then says what)."""
-    if type(payload) is not list or len(payload) != 2 or type(payload[1]) is not bytes:
-        return None
-    rels, blob = payload
-    if type(rels) is not list or len(rels) != 1:
-        return None
-    item = rels[0]
-    if (
-        type(item) is not list
-        or len(item) != 2
-        or type(item[0]) is not int
-        or type(item[1]) is not int
-        or not 0 <= item[1] < len(schemas)
-    ):
-        return None
     try:
-        txns = msgpack.unpackb(blob, use_list=False)
-    except Exception:
+        rels, txns = _split(payload, schemas)
+    except FatalError:
         return None
-    if type(txns) is not tuple:
+    if len(rels) != 1 or type(rels[0][0]) is not int or type(txns) is not tuple:
         return None
     messages: list[Any] = []
     for txn in txns:
         if type(txn) is not tuple or len(txn) != 5 or type(txn[4]) is not tuple:
             return None
         messages.extend(txn[4])
-    return schemas[item[1]], item[0], messages
+    ((relid, schema),) = rels
+    return schema, relid, messages
 
 
 def _records(msgs: tuple[Any, ...]) -> list[Any]:
@@ -90,26 +99,12 @@ def _records(msgs: tuple[Any, ...]) -> list[Any]:
 
 def unpack_changes(payload: Any, schemas: Sequence[TableSchema]) -> list[Change]:
     """The changes of a packed payload, rows as PostgreSQL text (``Batch.pg_text``)."""
-    if type(payload) is not list or len(payload) != 2 or type(payload[1]) is not bytes:
-        raise _corrupt("payload is not [relations, bytes]")
-    raw_rels, blob = payload
-    if type(raw_rels) is not list:
-        raise _corrupt("bad relations")
+    raw_rels, txns = _split(payload, schemas)
     # relid -> (table, key indexes, column names, the key's index if it has one column)
     rels: dict[int, tuple[TableId, tuple[int, ...], tuple[str, ...], int]] = {}
-    for item in raw_rels:
-        if type(item) is not list or len(item) != 2 or type(item[1]) is not int:
-            raise _corrupt("bad relation entry")
-        relid, ti = item
-        if not 0 <= ti < len(schemas):
-            raise _corrupt(f"relation {relid} names no table layout of the batch")
-        s = schemas[ti]
+    for relid, s in raw_rels:
         kidx = s.key_indexes()
         rels[relid] = (s.table, kidx, s.column_names, kidx[0] if len(kidx) == 1 else -1)
-    try:
-        txns = msgpack.unpackb(blob, use_list=False)
-    except Exception as e:
-        raise _corrupt(f"bad records ({type(e).__name__})") from None
     out: list[Change] = []
     append = out.append
     insert, update, delete = Op.INSERT, Op.UPDATE, Op.DELETE

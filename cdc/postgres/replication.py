@@ -123,35 +123,6 @@ class ReplicationConnection:
         self.pgconn.nonblocking = 1
         self.streaming = True
 
-    def read(self, timeout: float) -> memoryview | None:
-        """The next CopyData payload, or None if none arrived within ``timeout``."""
-        assert self.pgconn is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            n, data = self.pgconn.get_copy_data(1)
-            if n > 0:
-                return data
-            if n == -1:
-                self._finish_copy()
-                raise RetryableError(
-                    f"postgres {self.target}: the server ended the replication stream"
-                )
-            if n < -1:
-                raise RetryableError(
-                    f"postgres {self.target}: replication stream error: {_msg(self.pgconn)}"
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            r, _, _ = select.select([self.pgconn.socket], [], [], remaining)
-            if r:
-                try:
-                    self.pgconn.consume_input()
-                except Exception:
-                    raise RetryableError(
-                        f"postgres {self.target}: connection lost: {_msg(self.pgconn)}"
-                    ) from None
-
     def read_many(self, timeout: float, limit: int) -> list[memoryview]:
         """Up to ``limit`` CopyData payloads: waits up to ``timeout`` for the first,
         then takes what has arrived (one wait per burst, not per message).
@@ -167,7 +138,7 @@ class ReplicationConnection:
         assert pg is not None
         out: list[memoryview] = []
         deadline = 0.0
-        mark = -1  # len(out) at the last read from the socket; -1: none yet
+        mark = 0  # len(out) at the last read from the socket
         while len(out) < limit:
             n, data = pg.get_copy_data(1)
             if n > 0:
@@ -185,7 +156,7 @@ class ReplicationConnection:
                     f"postgres {self.target}: replication stream error: {_msg(pg)}"
                 )
             if out:
-                if len(out) - max(mark, 0) < DRAIN_MIN:
+                if len(out) - mark < DRAIN_MIN:
                     break  # a trickle: the socket is drained
                 mark = len(out)
                 try:
@@ -198,7 +169,6 @@ class ReplicationConnection:
                 if self._flowing:
                     self._flowing = False
                     time.sleep(max(0.0, min(COALESCE_S, timeout)))
-                    mark = 0
                     self._consume()
                     continue
             remaining = deadline - time.monotonic()
@@ -206,7 +176,6 @@ class ReplicationConnection:
                 return out
             r, _, _ = select.select([pg.socket], [], [], remaining)
             if r:
-                mark = 0
                 self._consume()
         self._flowing = bool(out)
         return out

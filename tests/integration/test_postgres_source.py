@@ -52,6 +52,19 @@ def changes(batches: list[Batch]) -> list[Change]:
     return [c for b in batches for c in b.changes]
 
 
+def read_both(
+    typed: PostgresSource, packed: PostgresSource, want: int
+) -> tuple[list[Change], list[Batch]]:
+    """One WAL read by a value-loading source and by a packed one: the first's
+    changes, and the second's batches after crossing the ring (codec)."""
+    loaded = changes(drain(typed, want))
+    return loaded, [decode_batch(encode_batch(b)) for b in drain(packed, want)]
+
+
+def materialized(batches: list[Batch]) -> list[Change]:
+    return [c for b in batches for c in materialize(b).changes]
+
+
 def run(dsn: str, *stmts: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         for s in stmts:
@@ -254,16 +267,14 @@ def test_packed_text_rows_equal_loaded_rows(pg_db: str) -> None:
             "TRUNCATE nokey",
         )
         want = 1 + 1 + 1 + 1591 + 3 + 1 + 1 + 11 + 1
-        loaded = changes(drain(typed, want))
-        frames = [encode_batch(b) for b in drain(packed, want)]
+        loaded, batches = read_both(typed, packed, want)
     finally:
         typed.close()
         packed.close()
-    batches = [decode_batch(f) for f in frames]
     assert all(b.pg_text for b in batches)
     assert any(not b.complete for b in batches)  # the 1591-row transaction went in parts
     assert isinstance(batches[0].changes[0].after[1], bytes)  # type: ignore[index]
-    got = [c for b in batches for c in materialize(b).changes]
+    got = materialized(batches)
     assert len(got) == len(loaded)
     for g, w in zip(got, loaded, strict=True):
         # (repr: NaN is not equal to itself; parts of a spilled transaction carry
@@ -300,12 +311,11 @@ def test_packed_mode_follows_layout_changes_and_renames(pg_db: str) -> None:
             conn.execute("ALTER TABLE t RENAME TO a")
             conn.execute("INSERT INTO a VALUES (5, 'e', 50)")
         run(pg_db, "INSERT INTO a VALUES (6, 'f', 60)")
-        loaded = changes(drain(typed, 6))
-        batches = [decode_batch(encode_batch(b)) for b in drain(packed, 6)]
+        loaded, batches = read_both(typed, packed, 6)
     finally:
         typed.close()
         packed.close()
-    got = [c for b in batches for c in materialize(b).changes]
+    got = materialized(batches)
     assert [(c.table.name, c.after) for c in got] == [
         ("t", (1, "a")),
         ("t", (2, "b", 20)),
@@ -348,12 +358,11 @@ def test_packed_mode_table_dropped_and_created_again(pg_db: str) -> None:
             "CREATE TABLE t (id bigint PRIMARY KEY, w int, v text)",
             "INSERT INTO t VALUES (2, 20, 'b')",
         )
-        loaded = changes(drain(typed, 2))
-        batches = [decode_batch(encode_batch(b)) for b in drain(packed, 2)]
+        loaded, batches = read_both(typed, packed, 2)
     finally:
         typed.close()
         packed.close()
-    got = [c for b in batches for c in materialize(b).changes]
+    got = materialized(batches)
     assert [c.after for c in got] == [(1, "a"), (2, 20, "b")] == [c.after for c in loaded]
     assert len(batches) == 2  # cut at the second relation named t
 
