@@ -64,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config = args.config or os.environ.get("DATAFLARE_CONFIG") or "/etc/dataflare/dataflare.yaml"
     if args.command == "run":
+        from dataflare.daemon import zygote
+
+        zygote.start()  # its imports overlap the supervisor's
         from dataflare.daemon.supervisor import run_daemon
 
         return run_daemon(config)

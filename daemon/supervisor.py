@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dataflare.cdc.errors import EXIT_CONFIG, EXIT_FATAL, EXIT_OK
-from dataflare.daemon import logs, sdnotify
+from dataflare.daemon import logs, sdnotify, zygote
 from dataflare.daemon.config import (
     ConfigInvalid,
     ConfigIssue,
@@ -45,7 +45,11 @@ from dataflare.daemon.ring import RingOwner
 from dataflare.daemon.status_model import WorkflowObserver, merge_table_counts, ring_fill
 from dataflare.daemon.watch import ConfigWatcher
 from dataflare.daemon.worker_spec import WorkerSpec
+from dataflare.daemon.zygote import ForkedWorker
 from loguru import logger
+
+# A worker: started the plain way, or forked by the zygote.
+WorkerProcess = asyncio.subprocess.Process | ForkedWorker
 
 VERSION = "0.1.0"
 RING_CAPACITY = 32 * 1024 * 1024
@@ -76,9 +80,7 @@ class Outcome(enum.Enum):
 class _Proc:
     """A worker process and the JSON status lines it sends."""
 
-    def __init__(
-        self, role: str, proc: asyncio.subprocess.Process, reader_task: asyncio.Task[None]
-    ):
+    def __init__(self, role: str, proc: WorkerProcess, reader_task: asyncio.Task[None]):
         self.role = role
         self.proc = proc
         self.reader_task = reader_task
@@ -299,23 +301,35 @@ class WorkflowRunner:
             log_format=self.daemon.daemon.log_format,
         )
         try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "dataflare.daemon.worker",
-                stdin=asyncio.subprocess.PIPE,
-                pass_fds=[w, *fds],
-            )
+            proc: WorkerProcess | None = None
+            if (z := zygote.current()) is not None:
+                pid = await asyncio.to_thread(z.fork, spec, [w, *fds])
+                proc = ForkedWorker(pid) if pid is not None else None
+                if proc is None:
+                    self.log.warning("the zygote failed: starting workers the plain way")
+            if proc is None:
+                proc = await self._exec_worker(spec, [w, *fds])
         finally:
             os.close(w)
-        assert proc.stdin is not None
-        proc.stdin.write(pickle.dumps(spec))
-        await proc.stdin.drain()
-        proc.stdin.close()
         label = f"source:{source}" if role == "source" else "apply"
         p = _Proc(label, proc, asyncio.create_task(self._read_status(label, r)))
         self._procs.append(p)
         return p
+
+    @staticmethod
+    async def _exec_worker(spec: WorkerSpec, fds: list[int]) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "dataflare.daemon.worker",
+            stdin=asyncio.subprocess.PIPE,
+            pass_fds=fds,
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(pickle.dumps(spec))
+        await proc.stdin.drain()
+        proc.stdin.close()
+        return proc
 
     async def _read_status(self, label: str, fd: int) -> None:
         loop = asyncio.get_running_loop()
@@ -495,7 +509,7 @@ class WorkflowRunner:
         return self._base_in if len(self.cfg.sources) == 1 else 0
 
 
-def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
+def _signal(proc: WorkerProcess, sig: int) -> None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
@@ -928,7 +942,11 @@ class Supervisor:
 
 
 def run_daemon(config_path: str, on_ready: Callable[[Supervisor], None] | None = None) -> int:
-    sup = Supervisor(config_path)
-    if on_ready:
-        on_ready(sup)
-    return asyncio.run(sup.run())
+    zygote.start()  # no-op if the CLI started it already, before importing us
+    try:
+        sup = Supervisor(config_path)
+        if on_ready:
+            on_ready(sup)
+        return asyncio.run(sup.run())
+    finally:
+        zygote.stop()

@@ -885,11 +885,17 @@ def _apply_loop(
 
 
 def main() -> int:
+    """A worker started the plain way: its spec comes pickled on stdin."""
+    spec: WorkerSpec = pickle.load(sys.stdin.buffer)
+    return serve(spec)
+
+
+def serve(spec: WorkerSpec) -> int:
+    """Run one worker (also the entry of a worker forked by the zygote)."""
     # Each row makes several tuples; with the default threshold (700) the cyclic GC
     # runs every few rows. The hot path makes no reference cycles, so collect rarely.
     gc.freeze()
     gc.set_threshold(50_000, 50, 50)
-    spec: WorkerSpec = pickle.load(sys.stdin.buffer)
     _die_with_parent(spec.parent_pid)
     role = f"{spec.role}:{spec.source}" if spec.role == "source" else "apply"
     logs.configure(spec.log_level, spec.log_format, component=role)
