@@ -89,7 +89,7 @@ class Zygote:
         """Start the zygote, or None where workers must be started the plain way."""
         if sys.platform != "linux" or os.environ.get("DATAFLARE_ZYGOTE") == "0":
             return None
-        if not hasattr(socket, "send_fds") or not hasattr(os, "pidfd_open"):
+        if not hasattr(socket, "send_fds"):
             return None
         if not _prctl(_PR_SET_CHILD_SUBREAPER, 1):
             return None
@@ -185,28 +185,33 @@ def stop() -> None:
 
 class ForkedWorker:
     """A worker forked by the zygote and re-parented to us, with the part of
-    asyncio's ``Process`` interface the supervisor uses. Being our child, its pid
-    cannot be reused before we reap it, so signalling it by pid is safe."""
+    asyncio's ``Process`` interface the supervisor uses. A thread waits for its
+    exit, as asyncio's own child watcher does (a pidfd would need a syscall that
+    older seccomp filters lack). Being our child, its pid cannot be reused before
+    that thread reaps it, so signalling it by pid is safe until then."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
-        self._pidfd = os.pidfd_open(pid)
-        self._done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().add_reader(self._pidfd, self._reap)
+        loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[int] = loop.create_future()
+        threading.Thread(
+            target=self._reap, args=(loop,), name=f"waitpid-{pid}", daemon=True
+        ).start()
 
-    def _reap(self) -> None:
+    def _reap(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:  # not ours after all (no subreaper): keep it known dead
-            pid, status = self.pid, 255 << 8
-        if pid == 0:
-            return
-        self.returncode = os.waitstatus_to_exitcode(status)
-        asyncio.get_running_loop().remove_reader(self._pidfd)
-        os.close(self._pidfd)
+            _, status = os.waitpid(self.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:  # not ours after all: known only to be gone
+            code = 255
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._exited, code)
+
+    def _exited(self, code: int) -> None:
+        self.returncode = code
         if not self._done.done():
-            self._done.set_result(self.returncode)
+            self._done.set_result(code)
 
     async def wait(self) -> int:
         return await asyncio.shield(self._done)
