@@ -6,7 +6,11 @@ Two private PostgreSQL 15 servers (source A, target B) with the same settings. F
 each workload (inserts; updates of existing rows), both replicators are given the
 same backlog, as a slot created before the load, and timed until the target has
 caught up (a sentinel transaction written last becomes visible). They run one after
-the other, never together. Prints rows/s for both and the ratio, median of --runs:
+the other, never together, in alternating order (odd runs native first), each after
+a checkpoint on both servers and with its target table read into shared buffers;
+autovacuum is off on both servers, so neither one's timed run vacuums, checkpoints
+or re-reads what the load or the other one wrote. Prints rows/s
+for both and the ratio, median of --runs:
 once from the start (ALTER SUBSCRIPTION ENABLE; the daemon's launch), and once
 counted from when each replicator first streamed from its slot (the catch-up proper,
 without the one-off start: the apply worker's launch, the daemon's processes and
@@ -235,6 +239,21 @@ def tree_cpu_seconds(root: int) -> float:
     return total
 
 
+def settle(target: str, *servers: PostgresServer) -> None:
+    """Before each timed run: a checkpoint on both servers, so neither replicator
+    pays for the WAL the load or the other one wrote (autovacuum is off on both,
+    for the same reason: it would vacuum the rows the previous run inserted); and
+    the replicator's target table read into shared buffers, as warm for one as for
+    the other (the one that ran first would otherwise have evicted the other's)."""
+    for s in servers:
+        sql(s.dsn(), "CHECKPOINT")
+    sql(
+        target,
+        "CREATE EXTENSION IF NOT EXISTS pg_prewarm",
+        "SELECT pg_prewarm('items'), pg_prewarm('items_pkey')",
+    )
+
+
 def fresh_target(b: PostgresServer, name: str) -> str:
     b.drop_database(name) if one(
         b.dsn(), f"SELECT 1 FROM pg_database WHERE datname = '{name}'"
@@ -271,38 +290,50 @@ def catch_up(
     sql(src, "SELECT pg_create_logical_replication_slot('dataflare_slot', 'pgoutput')")
     load(src, rows, 1000, kind, run_id)
 
-    t0, c0 = time.perf_counter(), busy_seconds()
-    sql(native_dst, "ALTER SUBSCRIPTION native_sub ENABLE")
-    t_stream = wait_streaming(src, "native_slot")
-    t1 = wait_sentinel(native_dst, run_id)
-    native, native_streaming = rows / (t1 - t0), rows / (t1 - t_stream)
-    native_cpu = busy_seconds() - c0
-    sql(
-        native_dst,
-        "ALTER SUBSCRIPTION native_sub DISABLE",
-        "ALTER SUBSCRIPTION native_sub SET (slot_name = NONE)",
-        "DROP SUBSCRIPTION native_sub",
-    )
-    sql(src, "SELECT pg_drop_replication_slot('native_slot')")
+    def run_native() -> tuple[float, float, float]:
+        settle(native_dst, a, b)
+        t0, c0 = time.perf_counter(), busy_seconds()
+        sql(native_dst, "ALTER SUBSCRIPTION native_sub ENABLE")
+        t_stream = wait_streaming(src, "native_slot")
+        t1 = wait_sentinel(native_dst, run_id)
+        cpu = busy_seconds() - c0
+        sql(
+            native_dst,
+            "ALTER SUBSCRIPTION native_sub DISABLE",
+            "ALTER SUBSCRIPTION native_sub SET (slot_name = NONE)",
+            "DROP SUBSCRIPTION native_sub",
+        )
+        sql(src, "SELECT pg_drop_replication_slot('native_slot')")
+        return rows / (t1 - t0), rows / (t1 - t_stream), cpu
 
-    d = DaemonRun(
-        work / f"{kind}-{run_id}",
-        src,
-        df_dst,
-        "dataflare_slot",
-        ["public.items", "public.bench_done"],
-    )
-    t0, c0 = time.perf_counter(), busy_seconds()
-    d.start()
-    try:
-        t_stream = wait_streaming(src, "dataflare_slot")
-        t1 = wait_sentinel(df_dst, run_id)
-        df, df_streaming = rows / (t1 - t0), rows / (t1 - t_stream)
-        df_cpu = busy_seconds() - c0
-        assert d.proc is not None
-        daemon_cpu = tree_cpu_seconds(d.proc.pid)
-    finally:
-        d.stop()
+    def run_dataflare() -> tuple[float, float, float, float]:
+        d = DaemonRun(
+            work / f"{kind}-{run_id}",
+            src,
+            df_dst,
+            "dataflare_slot",
+            ["public.items", "public.bench_done"],
+        )
+        settle(df_dst, a, b)
+        t0, c0 = time.perf_counter(), busy_seconds()
+        d.start()
+        try:
+            t_stream = wait_streaming(src, "dataflare_slot")
+            t1 = wait_sentinel(df_dst, run_id)
+            cpu = busy_seconds() - c0
+            assert d.proc is not None
+            own = tree_cpu_seconds(d.proc.pid)
+        finally:
+            d.stop()
+        return rows / (t1 - t0), rows / (t1 - t_stream), cpu, own
+
+    # Whoever runs second would meet the first one's aftermath; alternate.
+    if run_id % 2:
+        native, native_streaming, native_cpu = run_native()
+        df, df_streaming, df_cpu, daemon_cpu = run_dataflare()
+    else:
+        df, df_streaming, df_cpu, daemon_cpu = run_dataflare()
+        native, native_streaming, native_cpu = run_native()
     assert one(df_dst, "SELECT count(*) FROM items") == one(src, "SELECT count(*) FROM items")
     assert one(df_dst, "SELECT sum(qty) FROM items") == one(src, "SELECT sum(qty) FROM items")
     sql(src, "SELECT pg_drop_replication_slot('dataflare_slot')")
@@ -422,8 +453,11 @@ def main() -> int:
     p.add_argument("--workloads", default="insert,update")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dataflare-pgbench-"))
-    a = PostgresServer(work / "a", durability="fast").start()
-    b = PostgresServer(work / "b", durability="fast").start()
+    # Both servers alike: no autovacuum (see settle), and shared buffers that hold
+    # a target table with its updated copies of every row.
+    quiet: dict[str, str | bool] = {"autovacuum": False, "shared_buffers": "512MB"}
+    a = PostgresServer(work / "a", durability="fast", settings=quiet).start()
+    b = PostgresServer(work / "b", durability="fast", settings=quiet).start()
     try:
         print(
             f"rows {args.rows} in 1000-row transactions, median of {args.runs}; "
