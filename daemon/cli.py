@@ -7,7 +7,6 @@ Exit codes: 0 ok, 1 failure (invalid config, request refused, a check failed),
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -16,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from dataflare.cdc.errors import EXIT_NOT_RUNNING
-from dataflare.daemon.status_model import human_duration
 
 EXIT_FAILED = 1
 
@@ -64,9 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config = args.config or os.environ.get("DATAFLARE_CONFIG") or "/etc/dataflare/dataflare.yaml"
     if args.command == "run":
-        from dataflare.daemon import zygote
+        from dataflare.daemon import zygote_client
 
-        zygote.start()  # its imports overlap the supervisor's
+        zygote_client.start()  # first thing: its imports overlap the supervisor's
         from dataflare.daemon.supervisor import run_daemon
 
         return run_daemon(config)
@@ -258,6 +256,8 @@ def check_node(role: str, node: Any, workflow: str = "") -> list[tuple[bool, str
 
 
 def _accepts(fn: Any, name: str) -> bool:
+    import inspect  # not at the top: `run` starts the zygote before anything heavy
+
     try:
         return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -377,6 +377,8 @@ def workflow_ring_fill(w: dict[str, Any]) -> float | None:
 
 def render_status(st: dict[str, Any]) -> str:
     """A readable table of a status snapshot (pure: tested without a daemon)."""
+    from dataflare.daemon.status_model import human_duration
+
     d = st["daemon"]
     lines = [
         f"dataflare {d['version']}  up {human_duration(d['uptime_s'])}  "

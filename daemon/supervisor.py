@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dataflare.cdc.errors import EXIT_CONFIG, EXIT_FATAL, EXIT_OK
-from dataflare.daemon import logs, sdnotify, zygote
+from dataflare.daemon import logs, sdnotify, zygote_client
 from dataflare.daemon.config import (
     ConfigInvalid,
     ConfigIssue,
@@ -45,7 +45,7 @@ from dataflare.daemon.ring import RingOwner
 from dataflare.daemon.status_model import WorkflowObserver, merge_table_counts, ring_fill
 from dataflare.daemon.watch import ConfigWatcher
 from dataflare.daemon.worker_spec import WorkerSpec
-from dataflare.daemon.zygote import ForkedWorker
+from dataflare.daemon.zygote_client import ForkedWorker
 from loguru import logger
 
 # A worker: started the plain way, or forked by the zygote.
@@ -302,7 +302,7 @@ class WorkflowRunner:
         )
         try:
             proc: WorkerProcess | None = None
-            if (z := zygote.current()) is not None:
+            if (z := zygote_client.current()) is not None:
                 pid = await asyncio.to_thread(z.fork, spec, [w, *fds])
                 proc = ForkedWorker(pid) if pid is not None else None
                 if proc is None:
@@ -942,11 +942,11 @@ class Supervisor:
 
 
 def run_daemon(config_path: str, on_ready: Callable[[Supervisor], None] | None = None) -> int:
-    zygote.start()  # no-op if the CLI started it already, before importing us
+    zygote_client.start()  # no-op if the CLI started it already, before importing us
     try:
         sup = Supervisor(config_path)
         if on_ready:
             on_ready(sup)
         return asyncio.run(sup.run())
     finally:
-        zygote.stop()
+        zygote_client.stop()

@@ -7,10 +7,12 @@ take about a second on two cores. The supervisor starts one zygote first thing,
 so its imports overlap the supervisor's; each worker is then a fork of it:
 milliseconds, with the imported modules shared copy-on-write.
 
-The zygote is a child of the supervisor. It forks twice per worker (the middle
+This module is the zygote process (``python -m dataflare.daemon.zygote``) and its
+protocol, with light imports only; :mod:`dataflare.daemon.zygote_client` is the
+supervisor's side. The zygote is a child of the supervisor. It forks twice per worker (the middle
 process exits at once), and the supervisor is a child subreaper
 (``PR_SET_CHILD_SUBREAPER``), so every worker is re-parented to the supervisor:
-it waits for its workers' exit codes as for any child (:class:`ForkedWorker`),
+it waits for its workers' exit codes as for any child (``zygote_client.ForkedWorker``),
 and ``PR_SET_PDEATHSIG`` still ties them to it.
 
 The ring's eventfds and the status pipe travel to the zygote with SCM_RIGHTS.
@@ -25,26 +27,22 @@ zygote died, a timeout) and the supervisor starts workers the plain way.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
-import dataclasses
 import gc
 import os
 import pickle
 import signal
 import socket
 import struct
-import subprocess
 import sys
-import threading
 import time
 import traceback
 from typing import Any
 
-_PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
-_LEN = struct.Struct("<q")
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+LEN = struct.Struct("<q")
 MAX_FDS = 64
 REPLY_TIMEOUT_S = 60.0  # the first request waits for the zygote's imports
 REPARENT_TIMEOUT_S = 5.0
@@ -54,7 +52,7 @@ _FD_KEYS = ("data_fd", "space_fd", "ack_fd", "lifeline_fd", "peer_fd")
 _EXIT_RETRYABLE = 1  # cdc.errors.EXIT_RETRYABLE: the supervisor backs off and retries
 
 
-def _prctl(option: int, value: int) -> bool:
+def prctl(option: int, value: int) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return int(libc.prctl(option, value, 0, 0, 0)) == 0
@@ -62,7 +60,7 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
@@ -70,155 +68,6 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
             raise EOFError("zygote socket closed")
         buf += chunk
     return bytes(buf)
-
-
-# ------------------------------------------------------------------ supervisor side
-
-
-class Zygote:
-    """The supervisor's handle on its zygote process."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
-        self.proc = proc
-        self._sock = sock
-        self._lock = threading.Lock()
-        self.broken = False
-
-    @classmethod
-    def start(cls) -> Zygote | None:
-        """Start the zygote, or None where workers must be started the plain way."""
-        if sys.platform != "linux" or os.environ.get("DATAFLARE_ZYGOTE") == "0":
-            return None
-        if not hasattr(socket, "send_fds"):
-            return None
-        if not _prctl(_PR_SET_CHILD_SUBREAPER, 1):
-            return None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-        }
-        try:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "dataflare.daemon.zygote",
-                    str(theirs.fileno()),
-                    str(os.getpid()),
-                ],
-                pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
-        except OSError:
-            ours.close()
-            return None
-        finally:
-            theirs.close()
-        ours.settimeout(REPLY_TIMEOUT_S)
-        return cls(proc, ours)
-
-    def fork(self, spec: Any, fds: list[int]) -> int | None:
-        """Fork a worker for ``spec`` (a WorkerSpec whose fd numbers are ours, all
-        listed in ``fds``): its pid, or None if the zygote cannot (then it is
-        stopped and the caller starts the worker the plain way). Blocking: call
-        it from a thread."""
-        with self._lock:
-            if self.broken:
-                return None
-            payload = pickle.dumps((list(fds), spec))
-            try:
-                socket.send_fds(self._sock, [_LEN.pack(len(payload))], fds)
-                self._sock.sendall(payload)
-                (pid,) = _LEN.unpack(_recv_exact(self._sock, _LEN.size))
-            except (OSError, EOFError):
-                pid = -1
-            if pid <= 0:
-                self._break()
-                return None
-            return int(pid)
-
-    def _break(self) -> None:
-        self.broken = True
-        self._sock.close()
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
-
-    def close(self) -> None:
-        """EOF ends the zygote; its workers are not its children and live on."""
-        with self._lock:
-            if self.broken:
-                return
-            self.broken = True
-            self._sock.close()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-_current: Zygote | None = None
-
-
-def start() -> None:
-    """Start the daemon's zygote (once; first thing, before the heavy imports)."""
-    global _current
-    if _current is None:
-        _current = Zygote.start()
-
-
-def current() -> Zygote | None:
-    return _current if _current is not None and not _current.broken else None
-
-
-def stop() -> None:
-    global _current
-    if _current is not None:
-        _current.close()
-        _current = None
-
-
-class ForkedWorker:
-    """A worker forked by the zygote and re-parented to us, with the part of
-    asyncio's ``Process`` interface the supervisor uses. A thread waits for its
-    exit, as asyncio's own child watcher does (a pidfd would need a syscall that
-    older seccomp filters lack). Being our child, its pid cannot be reused before
-    that thread reaps it, so signalling it by pid is safe until then."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-        loop = asyncio.get_running_loop()
-        self._done: asyncio.Future[int] = loop.create_future()
-        threading.Thread(
-            target=self._reap, args=(loop,), name=f"waitpid-{pid}", daemon=True
-        ).start()
-
-    def _reap(self, loop: asyncio.AbstractEventLoop) -> None:
-        try:
-            _, status = os.waitpid(self.pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-        except ChildProcessError:  # not ours after all: known only to be gone
-            code = 255
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(self._exited, code)
-
-    def _exited(self, code: int) -> None:
-        self.returncode = code
-        if not self._done.done():
-            self._done.set_result(code)
-
-    async def wait(self) -> int:
-        return await asyncio.shield(self._done)
-
-    def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
-            os.kill(self.pid, sig)
 
 
 # --------------------------------------------------------------------- zygote side
@@ -234,6 +83,8 @@ def _close_other_fds(keep: set[int]) -> None:
 
 def _remap(spec: Any, parent_fds: list[int], fds: list[int]) -> Any:
     """The spec with our fd numbers in place of the supervisor's."""
+    import dataclasses  # (imported by the worker anyway; not by the CLI before the zygote)
+
     if len(parent_fds) != len(fds):
         raise ValueError(f"{len(fds)} fds came for {len(parent_fds)}")
     ours = dict(zip(parent_fds, fds, strict=True))
@@ -281,22 +132,22 @@ def _fork(sock: socket.socket, payload: bytes, fds: list[int], supervisor: int, 
             if pid == 0:
                 os.close(w)
                 _become_worker(payload, fds, supervisor, serve)
-            os.write(w, _LEN.pack(pid))
+            os.write(w, LEN.pack(pid))
         finally:
             os._exit(0)
     os.close(w)
     try:
-        data = os.read(r, _LEN.size)
+        data = os.read(r, LEN.size)
     finally:
         os.close(r)
         os.waitpid(middle, 0)
-    return _LEN.unpack(data)[0] if len(data) == _LEN.size else -1
+    return LEN.unpack(data)[0] if len(data) == LEN.size else -1
 
 
 def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=int(argv[0]))
     supervisor = int(argv[1])
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != supervisor:
         return _EXIT_RETRYABLE
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor ends us (EOF)
@@ -306,14 +157,14 @@ def main(argv: list[str]) -> int:
     gc.freeze()  # forked workers then do not touch these objects' pages
     while True:
         try:
-            head, fds, _, _ = socket.recv_fds(sock, _LEN.size, MAX_FDS)
+            head, fds, _, _ = socket.recv_fds(sock, LEN.size, MAX_FDS)
         except OSError:
             return 0
         if not head:
             return 0
         try:
-            head += _recv_exact(sock, _LEN.size - len(head))
-            payload = _recv_exact(sock, _LEN.unpack(head)[0])
+            head += recv_exact(sock, LEN.size - len(head))
+            payload = recv_exact(sock, LEN.unpack(head)[0])
             pid = _fork(sock, payload, fds, supervisor, serve)
         except EOFError:
             return 0
@@ -325,7 +176,7 @@ def main(argv: list[str]) -> int:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         try:
-            sock.sendall(_LEN.pack(pid))
+            sock.sendall(LEN.pack(pid))
         except OSError:
             return 0
 

@@ -28,4 +28,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         || echo "warning: cdc/_speedups.c did not build; the pure-Python twins run" >&2
     echo "$want" > "$stamp"
 fi
+# Bytecode, as an install would write it: with PYTHONDONTWRITEBYTECODE set (as on
+# this machine) every daemon and worker start would compile our modules again.
+.venv/bin/python -m compileall -q -j 0 cdc daemon sinks tui >/dev/null
 bash scripts/ensure-servers.sh

@@ -1,0 +1,177 @@
+"""The supervisor's side of the zygote (see :mod:`dataflare.daemon.zygote`):
+starting it, asking it for workers, and waiting for them.
+
+Imported by the CLI before anything heavy, so that the zygote starts first thing:
+asyncio is imported only where a forked worker is waited for."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+from dataflare.daemon.zygote import (
+    LEN,
+    PR_SET_CHILD_SUBREAPER,
+    REPLY_TIMEOUT_S,
+    prctl,
+    recv_exact,
+)
+
+if TYPE_CHECKING:
+    import asyncio
+
+
+class Zygote:
+    """The supervisor's handle on its zygote process."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.proc = proc
+        self._sock = sock
+        self._lock = threading.Lock()
+        self.broken = False
+
+    @classmethod
+    def start(cls) -> Zygote | None:
+        """Start the zygote, or None where workers must be started the plain way."""
+        if sys.platform != "linux" or os.environ.get("DATAFLARE_ZYGOTE") == "0":
+            return None
+        if not hasattr(socket, "send_fds"):
+            return None
+        if not prctl(PR_SET_CHILD_SUBREAPER, 1):
+            return None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+        }
+        try:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dataflare.daemon.zygote",
+                    str(theirs.fileno()),
+                    str(os.getpid()),
+                ],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        except OSError:
+            ours.close()
+            return None
+        finally:
+            theirs.close()
+        ours.settimeout(REPLY_TIMEOUT_S)
+        return cls(proc, ours)
+
+    def fork(self, spec: Any, fds: list[int]) -> int | None:
+        """Fork a worker for ``spec`` (a WorkerSpec whose fd numbers are ours, all
+        listed in ``fds``): its pid, or None if the zygote cannot (then it is
+        stopped and the caller starts the worker the plain way). Blocking: call
+        it from a thread."""
+        with self._lock:
+            if self.broken:
+                return None
+            payload = pickle.dumps((list(fds), spec))
+            try:
+                socket.send_fds(self._sock, [LEN.pack(len(payload))], fds)
+                self._sock.sendall(payload)
+                (pid,) = LEN.unpack(recv_exact(self._sock, LEN.size))
+            except (OSError, EOFError):
+                pid = -1
+            if pid <= 0:
+                self._break()
+                return None
+            return int(pid)
+
+    def _break(self) -> None:
+        self.broken = True
+        self._sock.close()
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+    def close(self) -> None:
+        """EOF ends the zygote; its workers are not its children and live on."""
+        with self._lock:
+            if self.broken:
+                return
+            self.broken = True
+            self._sock.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_current: Zygote | None = None
+
+
+def start() -> None:
+    """Start the daemon's zygote (once; first thing, before the heavy imports)."""
+    global _current
+    if _current is None:
+        _current = Zygote.start()
+
+
+def current() -> Zygote | None:
+    return _current if _current is not None and not _current.broken else None
+
+
+def stop() -> None:
+    global _current
+    if _current is not None:
+        _current.close()
+        _current = None
+
+
+class ForkedWorker:
+    """A worker forked by the zygote and re-parented to us, with the part of
+    asyncio's ``Process`` interface the supervisor uses. A thread waits for its
+    exit, as asyncio's own child watcher does (a pidfd would need a syscall that
+    older seccomp filters lack). Being our child, its pid cannot be reused before
+    that thread reaps it, so signalling it by pid is safe until then."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        import asyncio  # here, not at the top: see the module doc
+
+        loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[int] = loop.create_future()
+        threading.Thread(
+            target=self._reap, args=(loop,), name=f"waitpid-{pid}", daemon=True
+        ).start()
+
+    def _reap(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            _, status = os.waitpid(self.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:  # not ours after all: known only to be gone
+            code = 255
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._exited, code)
+
+    def _exited(self, code: int) -> None:
+        self.returncode = code
+        if not self._done.done():
+            self._done.set_result(code)
+
+    async def wait(self) -> int:
+        import asyncio
+
+        return await asyncio.shield(self._done)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
