@@ -21,9 +21,18 @@
  *   take_rows(burst, start, relations, out, extra) -> int
  *       The replication stream's CopyData payloads burst[start:] that are XLogData
  *       carrying an Insert, Update or Delete of a relation in `relations` (a dict
- *       relid -> object), appended to `out` as (tag, relation, relid, message
- *       bytes, extra) until the first that is not one (handled by the caller):
- *       its index, or len(burst).
+ *       relid -> object), appended to `out` as (tag, relation, relid << 8 | tag,
+ *       message bytes, extra) until the first that is not one (handled by the
+ *       caller): its index, or len(burst).
+ *
+ *   read_copy(conn, getcopydata, freemem, limit, out) -> int
+ *       Up to `limit` CopyData payloads (bytes) that libpq has already received on
+ *       the PGconn at address `conn`, appended to `out`, through libpq's own
+ *       PQgetCopyData (async) and PQfreemem at the addresses given (those of the
+ *       libpq that made the connection). Never reads the socket. Returns the
+ *       PQgetCopyData result that stopped it (0: nothing more buffered, -1: the
+ *       copy ended, -2: an error) or 1 when `limit` was reached. The per-message
+ *       call through psycopg cost ~1 us a row; this loop, ~0.1 us.
  *
  *   packed_copy(messages, relid, ncols, key_idx, kind) -> bytes | None
  *       COPY text (as copy_text writes it) of pgoutput Insert messages of relation
@@ -313,10 +322,15 @@ take_rows(PyObject *self, PyObject *args)
         return NULL;
     if (i < 0)
         i = 0;
+    /* Runs of one relation and one kind are the rule: look the relation up and make
+       the tally key once per run, not per row (and the tally then counts by identity). */
+    unsigned long last_relid = 0, last_tally = 0;
+    PyObject *rel = NULL, *tally = NULL; /* owned */
+    PyObject *result = NULL;
     for (; i < PyList_GET_SIZE(burst); i++) {
         Py_buffer view;
         if (PyObject_GetBuffer(PyList_GET_ITEM(burst, i), &view, PyBUF_SIMPLE) < 0)
-            return NULL;
+            goto done;
         const unsigned char *b = view.buf;
         unsigned char tag = view.len >= 30 ? b[25] : 0;
         if (view.len < 30 || b[0] != 'w' || (tag != 'I' && tag != 'U' && tag != 'D')) {
@@ -325,34 +339,92 @@ take_rows(PyObject *self, PyObject *args)
         }
         unsigned long relid = ((unsigned long)b[26] << 24) | ((unsigned long)b[27] << 16) |
                               ((unsigned long)b[28] << 8) | (unsigned long)b[29];
-        PyObject *key = PyLong_FromUnsignedLong(relid);
-        if (key == NULL) {
-            PyBuffer_Release(&view);
-            return NULL;
-        }
-        PyObject *rel = PyDict_GetItemWithError(relations, key); /* borrowed */
-        if (rel == NULL) {
+        if (rel == NULL || relid != last_relid) {
+            PyObject *key = PyLong_FromUnsignedLong(relid);
+            if (key == NULL) {
+                PyBuffer_Release(&view);
+                goto done;
+            }
+            PyObject *found = PyDict_GetItemWithError(relations, key); /* borrowed */
             Py_DECREF(key);
-            PyBuffer_Release(&view);
-            if (PyErr_Occurred())
-                return NULL;
-            break;
+            if (found == NULL) {
+                PyBuffer_Release(&view);
+                if (PyErr_Occurred())
+                    goto done;
+                break;
+            }
+            Py_INCREF(found);
+            Py_XSETREF(rel, found);
+            last_relid = relid;
+        }
+        unsigned long tv = (relid << 8) | tag;
+        if (tally == NULL || tv != last_tally) {
+            PyObject *t = PyLong_FromUnsignedLong(tv);
+            if (t == NULL) {
+                PyBuffer_Release(&view);
+                goto done;
+            }
+            Py_XSETREF(tally, t);
+            last_tally = tv;
         }
         PyObject *msg = PyBytes_FromStringAndSize((const char *)b + 25, view.len - 25);
         PyBuffer_Release(&view);
         PyObject *tagv = msg ? PyLong_FromLong(tag) : NULL;
-        PyObject *rec = tagv ? PyTuple_Pack(5, tagv, rel, key, msg, extra) : NULL;
+        PyObject *rec = tagv ? PyTuple_Pack(5, tagv, rel, tally, msg, extra) : NULL;
         Py_XDECREF(tagv);
         Py_XDECREF(msg);
-        Py_DECREF(key);
         if (rec == NULL)
-            return NULL;
+            goto done;
         int failed = PyList_Append(out, rec);
         Py_DECREF(rec);
         if (failed)
-            return NULL;
+            goto done;
     }
-    return PyLong_FromSsize_t(i);
+    result = PyLong_FromSsize_t(i);
+done:
+    Py_XDECREF(rel);
+    Py_XDECREF(tally);
+    return result;
+}
+
+typedef int (*getcopydata_fn)(void *conn, char **buffer, int async);
+typedef void (*freemem_fn)(void *ptr);
+
+static PyObject *
+read_copy(PyObject *self, PyObject *args)
+{
+    unsigned long long conn, get_addr, free_addr;
+    Py_ssize_t limit;
+    PyObject *out;
+    if (!PyArg_ParseTuple(args, "KKKnO!:read_copy", &conn, &get_addr, &free_addr, &limit,
+                          &PyList_Type, &out))
+        return NULL;
+    if (conn == 0 || get_addr == 0 || free_addr == 0) {
+        PyErr_SetString(PyExc_ValueError, "read_copy(): null connection or function");
+        return NULL;
+    }
+    getcopydata_fn get = (getcopydata_fn)(uintptr_t)get_addr;
+    freemem_fn release = (freemem_fn)(uintptr_t)free_addr;
+    int rv = 1;
+    for (Py_ssize_t n = 0; n < limit; n++) {
+        char *buf = NULL;
+        rv = get((void *)(uintptr_t)conn, &buf, 1);
+        if (rv <= 0) {
+            if (buf != NULL)
+                release(buf);
+            break;
+        }
+        PyObject *b = PyBytes_FromStringAndSize(buf, rv);
+        release(buf);
+        if (b == NULL)
+            return NULL;
+        int failed = PyList_Append(out, b);
+        Py_DECREF(b);
+        if (failed)
+            return NULL;
+        rv = 1;
+    }
+    return PyLong_FromLong(rv);
 }
 
 /* Growing output buffer of packed_copy. */
@@ -703,6 +775,7 @@ static PyMethodDef methods[] = {
     {"copy_text", copy_text, METH_O, "rows in COPY text format"},
     {"decode_rows", decode_rows, METH_VARARGS, "pgoutput row changes as records"},
     {"take_rows", take_rows, METH_VARARGS, "row-change XLogData of a burst, kept as bytes"},
+    {"read_copy", read_copy, METH_VARARGS, "CopyData payloads libpq has buffered"},
     {"packed_copy", packed_copy, METH_VARARGS, "COPY text of pgoutput row messages"},
     {"my_decimal", my_decimal, METH_VARARGS, "a MySQL binary DECIMAL"},
     {"my_datetime2", my_datetime2, METH_VARARGS, "a MySQL DATETIME2"},

@@ -66,10 +66,10 @@ _U32_AT = struct.Struct(">I").unpack_from
 _ROW_TAGS = frozenset((0x49, 0x55, 0x44))  # 'I', 'U', 'D'
 _TRUNCATE_TAG = 0x54
 _OP_OF_TAG = {0x49: Op.INSERT, 0x55: Op.UPDATE, 0x44: Op.DELETE, _TRUNCATE_TAG: Op.TRUNCATE}
-_TABLE_TAG = operator.itemgetter(2, 0)  # (relid, tag) of a packed _Pending
+# A packed _Pending's tally key: relid << 8 | tag (an int: counting them is cheap).
+_TALLY = operator.itemgetter(2)
 _MESSAGE = operator.itemgetter(3)
 _REL = operator.itemgetter(1)
-_RELID = operator.itemgetter(2)  # of a packed _Pending
 
 
 def _py_take_rows(
@@ -77,7 +77,7 @@ def _py_take_rows(
 ) -> int:
     """Packed mode's per-message work on a burst of the stream: each XLogData that
     carries an Insert, Update or Delete of a known relation is appended to ``out`` as
-    (tag, relation, relid, message bytes, extra), up to the first payload that is
+    (tag, relation, relid << 8 | tag, message bytes, extra), up to the first payload that is
     anything else (the caller's to handle): its index, or ``len(burst)``. The C twin
     (``cdc/_speedups.c``) is used when built."""
     i, n = max(start, 0), len(burst)
@@ -89,7 +89,7 @@ def _py_take_rows(
         rel = relations.get(relid)
         if rel is None:
             break
-        out.append((data[25], rel, relid, bytes(data[25:]), extra))
+        out.append((data[25], rel, relid << 8 | data[25], bytes(data[25:]), extra))
         i += 1
     return i
 
@@ -117,12 +117,12 @@ class _Relation:
 
 
 class _Pending(NamedTuple):
-    """A change of the open transaction. Packed mode: (tag byte, relation, relid,
-    pgoutput message bytes or a truncated relid, nothing)."""
+    """A change of the open transaction. Packed mode: (tag byte, relation, tally key
+    relid << 8 | tag, pgoutput message bytes or a truncated relid, nothing)."""
 
     op: Any  # Op; a pgoutput tag byte in packed mode
     rel: _Relation
-    before: Any  # Row | None; the relid in packed mode
+    before: Any  # Row | None; the tally key in packed mode
     after: Any  # Row | None; the message in packed mode
     unchanged: frozenset[str]
 
@@ -217,7 +217,7 @@ class PostgresSource:
         self._ready: list[Change] = []
         self._ready_count = 0  # changes ready (in _ready, or packed in _ready_txns)
         self._ready_txns: list[list[Any]] = []  # packed: [end_lsn, tag, xid, ts, messages]
-        self._ready_counts: Counter[tuple[int, int]] = Counter()  # packed: (relid, tag)
+        self._ready_counts: Counter[int] = Counter()  # packed: by tally key
         self._ready_last: Position | None = None  # set while a complete batch is ready
         self._spilled = False  # the open transaction was partly sent already
         self._ready_rels: dict[TableId, _Relation] = {}  # layouts of the ready changes
@@ -851,7 +851,8 @@ class PostgresSource:
             for relid in msg.relids:
                 rel = self._rel(relid)
                 if self._pg_text:
-                    self._txn.append(_Pending(_TRUNCATE_TAG, rel, relid, relid, _NONE))
+                    tally = relid << 8 | _TRUNCATE_TAG
+                    self._txn.append(_Pending(_TRUNCATE_TAG, rel, tally, relid, _NONE))
                 else:
                     self._txn.append(_Pending(Op.TRUNCATE, rel, None, None, frozenset()))
         return False
@@ -888,11 +889,11 @@ class PostgresSource:
         # A spilled transaction always ends with a complete batch, even an empty one.
         pos = Position(KIND, msg.end_lsn)
         if self._pg_text:
-            # Packed records hold their relid: the distinct ones in a C-speed pass
-            # (a layout change inside the transaction spilled what came before it,
-            # so each relid's relation is the current one).
+            # Packed records hold their relid in their tally key: the distinct ones
+            # in a C-speed pass (a layout change inside the transaction spilled what
+            # came before it, so each relid's relation is the current one).
             relations = self._relations
-            for relid in set(map(_RELID, pending)):
+            for relid in {k >> 8 for k in set(map(_TALLY, pending))}:
                 rel = relations[relid]
                 self._ready_rels[rel.schema.table] = rel
         else:
@@ -902,7 +903,7 @@ class PostgresSource:
         xid = begin.xid if begin else None
         if self._pg_text:
             self._ready_txns.append([msg.end_lsn, "", xid, msg.commit_ts_us, _messages(pending)])
-            self._ready_counts.update(map(_TABLE_TAG, pending))
+            self._ready_counts.update(map(_TALLY, pending))
         else:
             self._ready.extend(self._changes(pending, pos, xid, msg.commit_ts_us))
         self._ready_count += len(pending)
@@ -934,14 +935,14 @@ class PostgresSource:
         schemas: list[TableSchema],
         txns: list[list[Any]],
         count: int,
-        counts: Counter[tuple[int, int]],
+        counts: Counter[int],
     ) -> Packed:
         index = {s.table: i for i, s in enumerate(schemas)}
         relids = [[r.relid, index[r.schema.table]] for r in rels]
         tables = {r.relid: r.schema.table for r in rels}
         tally: dict[tuple[TableId, Op], int] = {}
-        for (relid, tag), n in counts.items():
-            k = (tables[relid], _OP_OF_TAG[tag])
+        for key, n in counts.items():
+            k = (tables[key >> 8], _OP_OF_TAG[key & 0xFF])
             tally[k] = tally.get(k, 0) + n
         return Packed(PACKED_DECODER, count, pack(relids, txns), tally)
 
@@ -967,7 +968,7 @@ class PostgresSource:
                 _messages(pending),
             ]
             packed_rows = self._pack(
-                rels, schemas, [txn], len(pending), Counter(map(_TABLE_TAG, pending))
+                rels, schemas, [txn], len(pending), Counter(map(_TALLY, pending))
             )
             return Batch(
                 [], schemas, pos, pos, False, pg_text=self._texts(rels), packed=packed_rows

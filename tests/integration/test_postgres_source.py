@@ -466,6 +466,57 @@ def test_a_flowing_stream_is_read_in_bursts(items_db: str, monkeypatch: pytest.M
     assert reads < rows / 20, f"{reads} socket reads for {got} messages"
 
 
+def test_the_c_copy_reader_reads_what_psycopgs_call_reads(
+    items_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """read_many takes libpq's buffered CopyData in one C loop (PQgetCopyData of
+    psycopg's own libpq): the same stream read with psycopg's call per message
+    gives the same pgoutput messages, in the same order."""
+    from dataflare.cdc.postgres import replication
+
+    assert replication._copy_reader() is not None  # the fast path is what runs here
+    run(
+        items_db,
+        "CREATE PUBLICATION cr_pub FOR TABLE items",
+        "SELECT pg_create_logical_replication_slot('cr_a', 'pgoutput')",
+        "SELECT pg_create_logical_replication_slot('cr_b', 'pgoutput')",
+    )
+    rows = 20_000
+    for start in range(10_000, 10_000 + rows, 5000):
+        run(
+            items_db,
+            "INSERT INTO items SELECT g, 'n' || g, g "
+            f"FROM generate_series({start}, {start + 4999}) g",
+            f"UPDATE items SET name = name || 'u' WHERE id BETWEEN {start} AND {start + 99}",
+            f"DELETE FROM items WHERE id BETWEEN {start + 100} AND {start + 109}",
+        )
+    # the row changes, a Begin and a Commit per transaction, the table's Relation
+    want = rows + 4 * 110 + 4 * 3 * 2 + 1
+
+    def stream(slot: str) -> list[bytes]:
+        conn = replication.ReplicationConnection(items_db)
+        conn.connect()
+        try:
+            conn.start(slot, 0, "cr_pub")
+            got: list[bytes] = []
+            deadline = time.monotonic() + 60
+            while len(got) < want and time.monotonic() < deadline:
+                for data in conn.read_many(0.5, 512):
+                    assert isinstance(data, bytes | memoryview)
+                    if data[0] == 0x77:  # XLogData; the header's send time differs
+                        got.append(bytes(data[25:]))
+            return got
+        finally:
+            conn.close()
+
+    fast = stream("cr_a")
+    monkeypatch.setattr(replication, "_copy_reader", lambda: None)
+    slow = stream("cr_b")
+    assert len(fast) == len(slow) == want
+    assert fast == slow
+    assert sum(m[0] in b"IUD" for m in fast) == rows + 4 * 110
+
+
 def test_table_without_key_under_default_identity_is_refused(pg_db: str) -> None:
     run(pg_db, "CREATE TABLE bare (a int)")
     src = make_source(pg_db, tables=["bare"])

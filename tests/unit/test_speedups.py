@@ -149,7 +149,8 @@ def test_take_rows_agrees(items: list[bytes], start: int, views: bool) -> None:
     assert results[0] == results[1]
     stop, out = results[0]
     for rec, item in zip(out[1:], items[max(start, 0) :], strict=False):
-        assert rec == (item[25], relations[rec[2]], rec[2], item[25:], None)
+        assert rec == (item[25], relations[rec[2] >> 8], rec[2], item[25:], None)
+        assert rec[2] & 0xFF == item[25]
     assert stop == max(start, 0) + len(out) - 1 or (start > len(items) and len(out) == 1)
 
 
