@@ -303,18 +303,43 @@ class WorkflowRunner:
         try:
             proc: WorkerProcess | None = None
             if (z := zygote_client.current()) is not None:
-                pid = await asyncio.to_thread(z.fork, spec, [w, *fds])
-                proc = ForkedWorker(pid) if pid is not None else None
-                if proc is None:
-                    self.log.warning("the zygote failed: starting workers the plain way")
+                proc = await self._fork_worker(z, spec, [w, *fds])
             if proc is None:
                 proc = await self._exec_worker(spec, [w, *fds])
+        except BaseException:
+            os.close(r)
+            raise
         finally:
             os.close(w)
         label = f"source:{source}" if role == "source" else "apply"
         p = _Proc(label, proc, asyncio.create_task(self._read_status(label, r)))
         self._procs.append(p)
         return p
+
+    async def _fork_worker(
+        self, z: zygote_client.Zygote, spec: WorkerSpec, fds: list[int]
+    ) -> ForkedWorker | None:
+        """The worker forked by the zygote, or None (then the plain way)."""
+        go_r, go_w = os.pipe()
+        try:
+            forking = asyncio.ensure_future(asyncio.to_thread(z.fork, spec, fds, go_r))
+            try:
+                pid = await asyncio.shield(forking)
+            except asyncio.CancelledError:
+                # The thread still sends our fds: they stay open until it is done, and
+                # the worker it may fork never gets its go.
+                with contextlib.suppress(BaseException):
+                    await forking
+                raise
+            if pid is None:
+                self.log.warning("the zygote could not fork a worker: starting it the plain way")
+                return None
+            proc = ForkedWorker(pid)
+            zygote_client.confirm(go_w)
+            return proc
+        finally:
+            os.close(go_r)
+            os.close(go_w)
 
     @staticmethod
     async def _exec_worker(spec: WorkerSpec, fds: list[int]) -> asyncio.subprocess.Process:

@@ -20,9 +20,16 @@ A forked worker keeps only its own fds (stdio and what came with its request):
 a stray copy of a ring's lifeline would keep a dead peer "alive".
 
 Protocol on the socket pair (stream): request = 8-byte length + a pickled
-``(parent fd numbers, WorkerSpec)``, the fds attached to the first bytes; reply
-= 8-byte pid (or -1). EOF ends the zygote. Anything wrong (no subreaper, the
-zygote died, a timeout) and the supervisor starts workers the plain way.
+``(parent fd numbers, WorkerSpec)``, the fds attached to the first bytes (first
+the read end of a "go" pipe, then the spec's fds); reply = 8-byte pid (or -1).
+EOF ends the zygote. Anything wrong (no subreaper, the zygote died, a timeout)
+and the supervisor starts workers the plain way.
+
+A forked worker waits for one byte on its go pipe before it touches anything:
+the supervisor writes it once it holds the pid and waits for the process. Were
+the reply lost (the zygote killed after forking, a timeout), the supervisor
+would start the worker the plain way, and a second producer or consumer on the
+same ring would corrupt it; instead the unconfirmed worker reads EOF and exits.
 """
 
 from __future__ import annotations
@@ -43,13 +50,14 @@ from typing import Any
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 LEN = struct.Struct("<q")
-MAX_FDS = 64
+MAX_FDS = 253  # SCM_MAX_FD: the most one message can carry
 REPLY_TIMEOUT_S = 60.0  # the first request waits for the zygote's imports
 REPARENT_TIMEOUT_S = 5.0
 # Handle keys that hold fd numbers (daemon.ring._FD_KEYS; not imported: ring
 # pulls in shared memory machinery the supervisor side does not need here).
 _FD_KEYS = ("data_fd", "space_fd", "ack_fd", "lifeline_fd", "peer_fd")
 _EXIT_RETRYABLE = 1  # cdc.errors.EXIT_RETRYABLE: the supervisor backs off and retries
+GO = b"g"
 
 
 def prctl(option: int, value: int) -> bool:
@@ -96,7 +104,8 @@ def _remap(spec: Any, parent_fds: list[int], fds: list[int]) -> Any:
 
 
 def _become_worker(payload: bytes, fds: list[int], supervisor: int, serve: Any) -> None:
-    """In the grandchild: wait to be the supervisor's, then run the worker. Never returns."""
+    """In the grandchild: wait to be the supervisor's and for its go, then run the
+    worker. Never returns."""
     rc = _EXIT_RETRYABLE
     try:
         deadline = time.monotonic() + REPARENT_TIMEOUT_S
@@ -104,6 +113,10 @@ def _become_worker(payload: bytes, fds: list[int], supervisor: int, serve: Any) 
             if time.monotonic() > deadline:
                 os._exit(_EXIT_RETRYABLE)  # the supervisor is gone, or not our subreaper
             time.sleep(0.0005)
+        go, fds = fds[0], fds[1:]
+        if os.read(go, 1) != GO:
+            os._exit(_EXIT_RETRYABLE)  # not confirmed: the supervisor runs no such worker
+        os.close(go)
         parent_fds, spec = pickle.loads(payload)
         spec = _remap(spec, parent_fds, fds)
         _close_other_fds(set(fds))
@@ -111,7 +124,7 @@ def _become_worker(payload: bytes, fds: list[int], supervisor: int, serve: Any) 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         rc = serve(spec)
     except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else _EXIT_RETRYABLE
+        rc = 0 if e.code is None else e.code if isinstance(e.code, int) else _EXIT_RETRYABLE
     except BaseException:
         traceback.print_exc()
     finally:
@@ -123,7 +136,12 @@ def _become_worker(payload: bytes, fds: list[int], supervisor: int, serve: Any) 
 
 def _fork(sock: socket.socket, payload: bytes, fds: list[int], supervisor: int, serve: Any) -> int:
     r, w = os.pipe()
-    middle = os.fork()
+    try:
+        middle = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        raise
     if middle == 0:
         try:
             os.close(r)
@@ -157,7 +175,7 @@ def main(argv: list[str]) -> int:
     gc.freeze()  # forked workers then do not touch these objects' pages
     while True:
         try:
-            head, fds, _, _ = socket.recv_fds(sock, LEN.size, MAX_FDS)
+            head, fds, flags, _ = socket.recv_fds(sock, LEN.size, MAX_FDS)
         except OSError:
             return 0
         if not head:
@@ -165,6 +183,8 @@ def main(argv: list[str]) -> int:
         try:
             head += recv_exact(sock, LEN.size - len(head))
             payload = recv_exact(sock, LEN.unpack(head)[0])
+            if flags & socket.MSG_CTRUNC or not fds:
+                raise ValueError(f"the request's fds did not all arrive ({len(fds)} did)")
             pid = _fork(sock, payload, fds, supervisor, serve)
         except EOFError:
             return 0

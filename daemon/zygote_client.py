@@ -16,7 +16,9 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from dataflare.daemon.zygote import (
+    GO,
     LEN,
+    MAX_FDS,
     PR_SET_CHILD_SUBREAPER,
     REPLY_TIMEOUT_S,
     prctl,
@@ -72,17 +74,21 @@ class Zygote:
         ours.settimeout(REPLY_TIMEOUT_S)
         return cls(proc, ours)
 
-    def fork(self, spec: Any, fds: list[int]) -> int | None:
+    def fork(self, spec: Any, fds: list[int], go: int) -> int | None:
         """Fork a worker for ``spec`` (a WorkerSpec whose fd numbers are ours, all
-        listed in ``fds``): its pid, or None if the zygote cannot (then it is
-        stopped and the caller starts the worker the plain way). Blocking: call
-        it from a thread."""
+        listed in ``fds``): its pid, or None if the zygote cannot (then the caller
+        starts the worker the plain way). The worker runs only once the write end
+        of the pipe whose read end is ``go`` gets :data:`GO` (``confirm``): write
+        it once the pid is waited for; close it unwritten and the worker exits.
+        Blocking: call it from a thread."""
+        if len(fds) + 1 > MAX_FDS:
+            return None  # more than one message carries: the plain way, this once
         with self._lock:
             if self.broken:
                 return None
             payload = pickle.dumps((list(fds), spec))
             try:
-                socket.send_fds(self._sock, [LEN.pack(len(payload))], fds)
+                socket.send_fds(self._sock, [LEN.pack(len(payload))], [go, *fds])
                 self._sock.sendall(payload)
                 (pid,) = LEN.unpack(recv_exact(self._sock, LEN.size))
             except (OSError, EOFError):
@@ -128,6 +134,11 @@ def current() -> Zygote | None:
     return _current if _current is not None and not _current.broken else None
 
 
+def confirm(go_w: int) -> None:
+    """Let a forked worker run (see ``Zygote.fork``)."""
+    os.write(go_w, GO)
+
+
 def stop() -> None:
     global _current
     if _current is not None:
@@ -139,8 +150,9 @@ class ForkedWorker:
     """A worker forked by the zygote and re-parented to us, with the part of
     asyncio's ``Process`` interface the supervisor uses. A thread waits for its
     exit, as asyncio's own child watcher does (a pidfd would need a syscall that
-    older seccomp filters lack). Being our child, its pid cannot be reused before
-    that thread reaps it, so signalling it by pid is safe until then."""
+    older seccomp filters lack), without reaping it (``WNOWAIT``): the loop reaps
+    it and sets ``returncode`` in one step, so until then the pid is still ours
+    (a zombie at worst) and ``send_signal`` cannot reach a reused one."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -150,19 +162,21 @@ class ForkedWorker:
         loop = asyncio.get_running_loop()
         self._done: asyncio.Future[int] = loop.create_future()
         threading.Thread(
-            target=self._reap, args=(loop,), name=f"waitpid-{pid}", daemon=True
+            target=self._wait_exit, args=(loop,), name=f"waitpid-{pid}", daemon=True
         ).start()
 
-    def _reap(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _wait_exit(self, loop: asyncio.AbstractEventLoop) -> None:
+        with contextlib.suppress(ChildProcessError):  # not ours after all: _reap says so
+            os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._reap)
+
+    def _reap(self) -> None:
         try:
             _, status = os.waitpid(self.pid, 0)
             code = os.waitstatus_to_exitcode(status)
-        except ChildProcessError:  # not ours after all: known only to be gone
+        except ChildProcessError:  # known only to be gone
             code = 255
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(self._exited, code)
-
-    def _exited(self, code: int) -> None:
         self.returncode = code
         if not self._done.done():
             self._done.set_result(code)

@@ -144,6 +144,6 @@ def test_without_the_zygote_workers_start_the_plain_way(
     for pid in d.workflow("gen")["pids"]:
         assert "dataflare.daemon.worker" in _cmdline(pid), _cmdline(pid)
         assert _ppid(pid) == d.proc.pid
-    assert "the zygote failed" in d.log.read_text()
+    assert "the zygote could not fork a worker" in d.log.read_text()
     wait_for(lambda: d.workflow("gen")["state"] == "stopped", 60, "workflow finished")
     assert_exact_stream(out, gen, gen["count"])
