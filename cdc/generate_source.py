@@ -127,6 +127,9 @@ class GenerateSource:
         self._paced_from: tuple[float, int] = (0.0, 1)  # (monotonic time, seq) of pacing origin
         self._confirmed: Position | None = None
 
+    def prepare(self) -> None:
+        pass  # all of it in open()
+
     def open(self, start: Position | None) -> None:
         if start is not None and start.kind != KIND:
             raise ConfigError(

@@ -17,9 +17,14 @@ class Source(Protocol):
     point a consumer resumes after), so positions never decrease along the stream.
     """
 
+    def prepare(self) -> None:
+        """What needs no start position (connect, check the server): called while
+        the destinations open and find the start, so the two overlap. May do nothing."""
+
     def open(self, start: Position | None) -> None:
-        """Connect and stream every transaction that commits after ``start``
-        (None: from the beginning, including the initial snapshot if configured)."""
+        """Connect (unless ``prepare`` did) and stream every transaction that commits
+        after ``start`` (None: from the beginning, including the initial snapshot if
+        configured)."""
 
     def read_batch(self, timeout: float) -> Batch | None:
         """The next batch, or None if nothing arrived within ``timeout`` seconds."""

@@ -282,6 +282,9 @@ class MysqlBinlogSource:
 
     # ------------------------------------------------------------------ open
 
+    def prepare(self) -> None:
+        pass  # all of it in open()
+
     def open(self, start: Position | None) -> None:
         if self.state is None and self.ctx is not None:
             self.state = self.ctx.state  # opened and closed by the worker

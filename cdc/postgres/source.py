@@ -209,6 +209,7 @@ class PostgresSource:
         self.log = logger.bind(workflow=self.ctx.workflow, component=f"source:{name}")
         self._catalog: psycopg.Connection[Any] | None = None
         self._repl: ReplicationConnection | None = None
+        self._prepared: tuple[list[TableId], dict[str, Any] | None] | None = None
         self._relations: dict[int, _Relation] = {}
         self._schema_versions: dict[TableId, TableSchema] = {}
         # streaming state
@@ -328,17 +329,27 @@ class PostgresSource:
 
     # ------------------------------------------------------------------ open
 
-    def open(self, start: Position | None) -> None:
-        if start is not None and start.kind != KIND:
-            raise FatalError(
-                f"postgres source {self.name}: cannot resume from a {start.kind} position"
-            )
+    def prepare(self) -> None:
+        self._prepared = self._prepare()
+
+    def _prepare(self) -> tuple[list[TableId], dict[str, Any] | None]:
+        """Connect, check the server, make the publication, look up the slot and
+        open the replication connection: all that needs no start position."""
         self._catalog = catalog_connect(self.cfg.dsn, self.cfg.connect_timeout)
         self._preflight()
         tables = self._ensure_publication()
         slot = self._slot_info()
         self._repl = ReplicationConnection(self.cfg.dsn, self.cfg.connect_timeout)
         self._repl.connect()
+        return tables, slot
+
+    def open(self, start: Position | None) -> None:
+        if start is not None and start.kind != KIND:
+            raise FatalError(
+                f"postgres source {self.name}: cannot resume from a {start.kind} position"
+            )
+        tables, slot = self._prepared or self._prepare()
+        self._prepared = None
         if start is not None:
             if slot is None:
                 raise FatalError(
