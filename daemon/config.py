@@ -37,14 +37,20 @@ import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from dataflare.cdc.errors import ConfigError
 from dataflare.cdc.registry import SOURCE_TYPES, ConnectorType
 from dataflare.cdc.settings import SECRET, UNIT, ConfigKeyError, duration
 from dataflare.daemon.transform_registry import TRANSFORM_TYPES
-from dataflare.daemon.yaml_located import LocatedYaml, Path, load_located
 from dataflare.sinks.registry import SINK_TYPES
+
+if TYPE_CHECKING:
+    from dataflare.daemon.yaml_located import LocatedYaml
+
+# A key path into a document (as yaml_located.Path). yaml_located is imported where a
+# file is parsed: workers unpickle these classes and need no YAML (~14 ms to import).
+Path = tuple[str | int, ...]
 
 DEFAULT_CONFIG_PATH = "/etc/dataflare/dataflare.yaml"
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
@@ -251,6 +257,8 @@ def _parse_file(path: str) -> tuple[LocatedYaml | None, list[ConfigIssue]]:
         return None, [ConfigIssue(path, 1, "", "file is not UTF-8 text")]
     except OSError as e:
         return None, [ConfigIssue(path, 1, "", f"cannot read file: {e.strerror or e}")]
+    from dataflare.daemon.yaml_located import load_located
+
     doc, problems = load_located(text)
     issues = [ConfigIssue(path, p.line, _key(p.path), p.message) for p in problems]
     return doc, issues

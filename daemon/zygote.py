@@ -7,9 +7,12 @@ take about a second on two cores. The supervisor starts one zygote first thing,
 so its imports overlap the supervisor's; each worker is then a fork of it:
 milliseconds, with the imported modules shared copy-on-write.
 
-This module is the zygote process (``python -m dataflare.daemon.zygote``) and its
-protocol, with light imports only; :mod:`dataflare.daemon.zygote_client` is the
-supervisor's side. The zygote is a child of the supervisor. It forks twice per worker (the middle
+This module is the zygote process and its protocol, with light imports only;
+:mod:`dataflare.daemon.zygote_client` is the supervisor's side. The zygote is a
+child of the supervisor, forked by the CLI before anything heavy is imported
+(not exec'd: that would cost an interpreter's start, ~65 ms on the critical path
+of every start); it and its workers keep the CLI's command line and are named by
+``comm`` instead: ``df-zygote``, ``df-source``, ``df-apply``. It forks twice per worker (the middle
 process exits at once), and the supervisor is a child subreaper
 (``PR_SET_CHILD_SUBREAPER``), so every worker is re-parented to the supervisor:
 it waits for its workers' exit codes as for any child (``zygote_client.ForkedWorker``),
@@ -48,6 +51,7 @@ import traceback
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 LEN = struct.Struct("<q")
 MAX_FDS = 253  # SCM_MAX_FD: the most one message can carry
@@ -58,6 +62,8 @@ REPARENT_TIMEOUT_S = 5.0
 _FD_KEYS = ("data_fd", "space_fd", "ack_fd", "lifeline_fd", "peer_fd")
 _EXIT_RETRYABLE = 1  # cdc.errors.EXIT_RETRYABLE: the supervisor backs off and retries
 GO = b"g"
+ZYGOTE_NAME = b"df-zygote"
+WORKER_NAMES = {"source": b"df-source", "apply": b"df-apply"}  # (the plain way: "python")
 
 
 def prctl(option: int, value: int) -> bool:
@@ -118,6 +124,7 @@ def _become_worker(payload: bytes, fds: list[int], supervisor: int, serve: Any) 
             os._exit(_EXIT_RETRYABLE)  # not confirmed: the supervisor runs no such worker
         os.close(go)
         parent_fds, spec = pickle.loads(payload)
+        set_name(WORKER_NAMES.get(spec.role, b"df-worker"))
         spec = _remap(spec, parent_fds, fds)
         _close_other_fds(set(fds))
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -162,9 +169,35 @@ def _fork(sock: socket.socket, payload: bytes, fds: list[int], supervisor: int, 
     return LEN.unpack(data)[0] if len(data) == LEN.size else -1
 
 
-def main(argv: list[str]) -> int:
-    sock = socket.socket(fileno=int(argv[0]))
-    supervisor = int(argv[1])
+def set_name(name: bytes) -> None:
+    """The process name ``ps -o comm``, ``top`` and /proc/<pid>/comm show (15
+    bytes): a fork keeps the CLI's command line, so this tells them apart."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+
+
+def run(sock_fd: int, supervisor: int) -> None:
+    """The zygote, in the child the CLI forked first thing. Never returns."""
+    code = _EXIT_RETRYABLE
+    try:
+        set_name(ZYGOTE_NAME)
+        for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # the supervisor's
+            os.environ.pop(k, None)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        _close_other_fds({sock_fd})
+        code = main(socket.socket(fileno=sock_fd), supervisor)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def main(sock: socket.socket, supervisor: int) -> int:
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != supervisor:
         return _EXIT_RETRYABLE
@@ -199,7 +232,3 @@ def main(argv: list[str]) -> int:
             sock.sendall(LEN.pack(pid))
         except OSError:
             return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
+from dataflare.daemon import zygote
 from dataflare.daemon.zygote import (
     GO,
     LEN,
@@ -29,10 +32,39 @@ if TYPE_CHECKING:
     import asyncio
 
 
+class ZygoteProcess:
+    """The zygote, our child by ``os.fork``, with the part of ``Popen`` we use."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG if deadline else 0)
+            except ChildProcessError:
+                self.returncode = 255  # reaped by someone else: known only to be gone
+                break
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+            elif deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"zygote {self.pid}", timeout or 0.0)
+            else:
+                time.sleep(0.01)
+        return self.returncode
+
+
 class Zygote:
     """The supervisor's handle on its zygote process."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+    def __init__(self, proc: ZygoteProcess, sock: socket.socket) -> None:
         self.proc = proc
         self._sock = sock
         self._lock = threading.Lock()
@@ -40,39 +72,31 @@ class Zygote:
 
     @classmethod
     def start(cls) -> Zygote | None:
-        """Start the zygote, or None where workers must be started the plain way."""
+        """Fork the zygote, or None where workers must be started the plain way."""
         if sys.platform != "linux" or os.environ.get("DATAFLARE_ZYGOTE") == "0":
             return None
         if not hasattr(socket, "send_fds"):
             return None
+        if threading.active_count() > 1:
+            return None  # a fork would copy other threads' held locks, not the threads
         if not prctl(PR_SET_CHILD_SUBREAPER, 1):
             return None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-        }
+        supervisor = os.getpid()
+        sys.stdout.flush()  # or the child would write what we buffered, too
+        sys.stderr.flush()
         try:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "dataflare.daemon.zygote",
-                    str(theirs.fileno()),
-                    str(os.getpid()),
-                ],
-                pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
+            pid = os.fork()
         except OSError:
             ours.close()
-            return None
-        finally:
             theirs.close()
+            return None
+        if pid == 0:
+            ours.close()
+            zygote.run(theirs.detach(), supervisor)  # never returns
+        theirs.close()
         ours.settimeout(REPLY_TIMEOUT_S)
-        return cls(proc, ours)
+        return cls(ZygoteProcess(pid), ours)
 
     def fork(self, spec: Any, fds: list[int], go: int) -> int | None:
         """Fork a worker for ``spec`` (a WorkerSpec whose fd numbers are ours, all

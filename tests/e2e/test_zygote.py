@@ -24,6 +24,10 @@ def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for d in Path("/proc").iterdir():
@@ -98,10 +102,11 @@ def test_workers_are_forked_children_of_the_supervisor_and_die_with_it(
     workers = d.workflow("gen")["pids"]
     assert len(workers) == 2
     for pid in workers:
-        # forked (no exec): the zygote's command line; re-parented to the supervisor
-        assert "dataflare.daemon.zygote" in _cmdline(pid), _cmdline(pid)
+        # forked (no exec): the CLI's command line, named by role; re-parented to the supervisor
+        assert "dataflare.daemon.cli" in _cmdline(pid), _cmdline(pid)
         assert _ppid(pid) == sup
-    zygotes = [p for p in _children(sup) if p not in workers and "daemon.zygote" in _cmdline(p)]
+    assert sorted(_comm(pid) for pid in workers) == ["df-apply", "df-source"]
+    zygotes = [p for p in _children(sup) if p not in workers and _comm(p) == "df-zygote"]
     assert len(zygotes) == 1
     # A worker holds its own ring's fds and nothing of the zygote's: the ring's
     # three eventfds, no socket (the generate/file workflow opens no connection).
@@ -134,9 +139,7 @@ def test_without_the_zygote_workers_start_the_plain_way(
     wait_for(lambda: count_lines(out) >= 1000, 30, "1000 lines")
     assert d.proc is not None
     workers = d.workflow("gen")["pids"]
-    (zygote,) = [
-        p for p in _children(d.proc.pid) if p not in workers and "daemon.zygote" in _cmdline(p)
-    ]
+    (zygote,) = [p for p in _children(d.proc.pid) if p not in workers and _comm(p) == "df-zygote"]
     os.kill(zygote, signal.SIGKILL)
     os.kill(workers[0], signal.SIGKILL)  # the apply process: the workflow restarts
     wait_for(lambda: d.workflow("gen")["restarts"] >= 1, 20, "a restart")
