@@ -37,9 +37,12 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
         try:
             f = (d / "stat").read_text().rsplit(")", 1)[1].split()
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            comm = (d / "comm").read_text().strip()
         except OSError:
             continue
-        out[int(d.name)] = (cmd.strip()[:80], (int(f[11]) + int(f[12])) / TICK)
+        # The daemon's forks share the CLI's command line; their comm names them.
+        label = f"{comm}: {cmd.strip()}" if comm.startswith("df-") else cmd.strip()
+        out[int(d.name)] = (label[:80], (int(f[11]) + int(f[12])) / TICK)
     return out
 
 

@@ -326,10 +326,11 @@ class WorkflowRunner:
             try:
                 pid = await asyncio.shield(forking)
             except asyncio.CancelledError:
-                # The thread still sends our fds: they stay open until it is done, and
-                # the worker it may fork never gets its go.
-                with contextlib.suppress(BaseException):
-                    await forking
+                # The thread still sends our fds: they stay open until it is done (even
+                # if cancelled again), and the worker it may fork never gets its go.
+                while not forking.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait({forking})
                 raise
             if pid is None:
                 self.log.warning("the zygote could not fork a worker: starting it the plain way")

@@ -172,7 +172,8 @@ def run_source(spec: WorkerSpec, status: StatusPipe, stop: StopSignal) -> int:
     source = load_class(SOURCE_TYPES[node.type].implementation)(node.name, node.config, ctx)
     try:
         status.send("state", state="starting")
-        source.prepare()  # while the apply process opens the destinations
+        if not stop.requested:
+            source.prepare()  # while the apply process opens the destinations
         ack = producer.wait_ack(1, wake_fds=[stop.fd])
         if ack is None:
             log.info("stopped before start")

@@ -48,6 +48,7 @@ import struct
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
@@ -176,13 +177,42 @@ def set_name(name: bytes) -> None:
         ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
 
 
+_SUPERVISOR_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def _blank_exec_environ(names: list[str]) -> None:
+    """Blank ``names`` in the environment block the CLI was exec'd with: forks share
+    it, /proc/<pid>/environ shows it, and unsetenv only drops the pointers to it.
+    So the zygote and its workers do not show the supervisor's systemd variables
+    as theirs (systemd's NotifyAccess=main: only the supervisor notifies)."""
+    if not names:
+        return
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # env_start, env_end (proc(5) 50, 51)
+        shown = Path("/proc/self/environ").read_bytes()  # what the kernel reads there
+    except (OSError, IndexError, ValueError):
+        return
+    if not 0 < start < end or end - start != len(shown):
+        return  # not the layout we know: leave it
+    block = ctypes.string_at(start, end - start)
+    if block != shown:
+        return
+    wanted = {n.encode() for n in names}
+    offset = 0
+    for entry in block.split(b"\0"):
+        if entry.partition(b"=")[0] in wanted:
+            ctypes.memset(start + offset, 0, len(entry))
+        offset += len(entry) + 1
+
+
 def run(sock_fd: int, supervisor: int) -> None:
     """The zygote, in the child the CLI forked first thing. Never returns."""
     code = _EXIT_RETRYABLE
     try:
         set_name(ZYGOTE_NAME)
-        for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # the supervisor's
-            os.environ.pop(k, None)
+        dropped = [k for k in _SUPERVISOR_ONLY_ENV if os.environ.pop(k, None) is not None]
+        _blank_exec_environ(dropped)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)

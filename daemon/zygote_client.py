@@ -83,8 +83,10 @@ class Zygote:
             return None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         supervisor = os.getpid()
-        sys.stdout.flush()  # or the child would write what we buffered, too
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):  # or the child would write what we buffered
+            if stream is not None:  # (None: started with that fd closed)
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
         try:
             pid = os.fork()
         except OSError:

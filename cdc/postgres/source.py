@@ -330,7 +330,8 @@ class PostgresSource:
     # ------------------------------------------------------------------ open
 
     def prepare(self) -> None:
-        self._prepared = self._prepare()
+        if self._prepared is None:
+            self._prepared = self._prepare()
 
     def _prepare(self) -> tuple[list[TableId], dict[str, Any] | None]:
         """Connect, check the server, make the publication, look up the slot and
@@ -1038,6 +1039,7 @@ class PostgresSource:
         }
 
     def close(self) -> None:
+        self._prepared = None
         if self._repl is not None:
             if self._repl.streaming:
                 with contextlib.suppress(RetryableError):
