@@ -215,7 +215,8 @@ def test_dead_letter_round_trip_destination(tmp_path: Path, two_dbs: tuple[str, 
         assert "rows packed as PostgreSQL text" in d.log.read_text()
         shown = dlq(cfg, "show", "dl", str(letter["id"]))
         assert shown["change"]["after"] == {"id": 25, "qty": -1}
-        assert d.workflow("dl")["dead_letters"] == 1
+        # Status counts it once the apply process next reports (every STATUS_INTERVAL_S).
+        wait_for(lambda: d.workflow("dl")["dead_letters"] == 1, 10, "dead_letters in status")
 
         # Replayed before the fix: refused again, the letter stays.
         res = dlq(cfg, "replay", "dl", exit_code=1)  # 1: some still failing
