@@ -55,6 +55,7 @@ VERSION = "0.1.0"
 RING_CAPACITY = 32 * 1024 * 1024
 DRAIN_TIMEOUT_S = 20.0  # SIGTERM: sources stop, the apply process drains, all exit within this
 KILL_GRACE_S = 3.0
+STRAY_CHECK_S = 30.0  # how often exited children nothing waits for are looked for
 HEALTHY_AFTER_S = 60.0  # a run this long resets the restart backoff
 SHM_PREFIX = "dataflare"
 _KEPT_NOTE = "config file invalid: running the last good configuration"
@@ -271,6 +272,10 @@ class WorkflowRunner:
         except TimeoutError:
             self.log.error("drain took longer than {}s; killing workers", DRAIN_TIMEOUT_S)
         self.log.info("drained")
+
+    def worker_pids(self) -> list[int]:
+        """Every worker process of this run, exited or not (their waiters reap them)."""
+        return [p.proc.pid for p in self._procs]
 
     async def _reap_all(self) -> None:
         for p in self._procs:
@@ -550,6 +555,37 @@ def _describe_rc(rc: int) -> str:
     return f"exit code {rc}"
 
 
+def exited_children(known: set[int]) -> set[int]:
+    """Our children that have exited (zombies) and are not in ``known``."""
+    me = os.getpid()
+    out: set[int] = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) not in known:
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] == "Z" and int(fields[1]) == me:
+                out.add(int(name))
+    return out
+
+
+def reap_strays(known: set[int], seen_before: set[int]) -> tuple[int, set[int]]:
+    """Reap the exited children that nothing waits for, as a child subreaper inherits
+    them: forks whose pid never reached us (a worker whose go never came, a middle
+    process left by a zygote killed mid-fork). One is reaped only when it was already
+    a zombie at the previous check (``seen_before``), so a worker's own waiter, about
+    to reap it, is never raced. Returns (reaped, the zombies to remember)."""
+    now = exited_children(known)
+    reaped = 0
+    for pid in now & seen_before:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                reaped += 1
+    return reaped, now - seen_before
+
+
 def cleanup_stale_rings(shm_dir: str = "/dev/shm") -> int:
     """Unlink rings left by a daemon that was killed (its pid is in the name)."""
     removed = 0
@@ -666,8 +702,10 @@ class Supervisor:
         self._stop.set()
 
     def _start_background(self, config: DaemonConfig) -> None:
-        """The reload loop, the config watcher, the systemd watchdog and STATUS=."""
+        """The reload loop, the config watcher, the systemd watchdog, STATUS= and
+        the reaper of stray children."""
         self._background.append(asyncio.create_task(self._reload_loop(), name="reload"))
+        self._background.append(asyncio.create_task(self._reap_strays(), name="reap-strays"))
         self._watcher = ConfigWatcher(
             self.config_path,
             config.workflows_dir,
@@ -684,6 +722,17 @@ class Supervisor:
             )
         if sdnotify.enabled():
             self._background.append(asyncio.create_task(self._status_loop(), name="sd-status"))
+
+    async def _reap_strays(self) -> None:
+        seen: set[int] = set()
+        while True:
+            await asyncio.sleep(STRAY_CHECK_S)
+            known = {pid for r in self.runners.values() for pid in r.worker_pids()}
+            if (z := zygote_client.pid()) is not None:
+                known.add(z)
+            reaped, seen = reap_strays(known, seen)
+            if reaped:
+                logger.info("reaped {} exited process(es) no worker waited for", reaped)
 
     async def _stop_background(self) -> None:
         if self._watcher is not None:

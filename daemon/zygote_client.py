@@ -160,6 +160,11 @@ def current() -> Zygote | None:
     return _current if _current is not None and not _current.broken else None
 
 
+def pid() -> int | None:
+    """The zygote's pid while it runs (ours to wait for, not a stray)."""
+    return _current.proc.pid if _current is not None else None
+
+
 def confirm(go_w: int) -> None:
     """Let a forked worker run (see ``Zygote.fork``)."""
     os.write(go_w, GO)

@@ -553,7 +553,7 @@ class PostgresSink(TransactionalSqlSink):
         upserts = seg.upserts
         if seg.inserts:
             if t.direct_skip or not t.direct_ok:
-                t.direct_skip -= 1
+                t.direct_skip = max(0, t.direct_skip - 1)
                 upserts = upserts + seg.inserts
             else:
                 if deletes:  # a key deleted, then inserted again: delete first
