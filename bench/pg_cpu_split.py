@@ -5,7 +5,9 @@ catch up on the same backlog.
 
 The setup of ``pg_bench.py`` (same servers, backlog, settling before each run), one
 run of each; prints rows/s and, for every process that used CPU during the run,
-its CPU time per row (from /proc/<pid>/stat, sampled when the target caught up): the
+its CPU time per row (from /proc/<pid>/stat, sampled when the target caught up) and
+its context switches per 1000 rows, voluntary (it waited) and involuntary
+(preempted; /proc/<pid>/status): the
 walsender and the apply worker for native; the walsender, the sink's backend, the
 source and apply workers, the zygote and the supervisor for DataFlare. Read the
 split, not the rates: one run on a noisy machine.
@@ -29,8 +31,11 @@ from tests.servers import PostgresServer
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_by_process() -> dict[int, tuple[str, float]]:
-    out: dict[int, tuple[str, float]] = {}
+Sample = tuple[str, float, int, int]  # label, CPU s, voluntary and involuntary switches
+
+
+def cpu_by_process() -> dict[int, Sample]:
+    out: dict[int, Sample] = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -38,11 +43,22 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
             f = (d / "stat").read_text().rsplit(")", 1)[1].split()
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             comm = (d / "comm").read_text().strip()
+            status = (d / "status").read_text().splitlines()
         except OSError:
             continue
+        switches = {
+            k: int(v)
+            for k, _, v in (ln.partition(":") for ln in status)
+            if k.endswith("ctxt_switches")
+        }
         # The daemon's forks share the CLI's command line; their comm names them.
         label = f"{comm}: {cmd.strip()}" if comm.startswith("df-") else cmd.strip()
-        out[int(d.name)] = (label[:80], (int(f[11]) + int(f[12])) / TICK)
+        out[int(d.name)] = (
+            label[:80],
+            (int(f[11]) + int(f[12])) / TICK,
+            switches.get("voluntary_ctxt_switches", 0),
+            switches.get("nonvoluntary_ctxt_switches", 0),
+        )
     return out
 
 
@@ -52,20 +68,23 @@ def report(
     t0: float,
     t_stream: float,
     t1: float,
-    before: dict[int, tuple[str, float]],
-    after: dict[int, tuple[str, float]],
+    before: dict[int, Sample],
+    after: dict[int, Sample],
 ) -> None:
     print(
         f"{name}: {rows / (t1 - t0):,.0f} rows/s from start, "
         f"{rows / (t1 - t_stream):,.0f} from streaming"
     )
     used = []
-    for pid, (cmd, cpu) in after.items():
-        d = cpu - before.get(pid, (cmd, 0.0))[1]
-        if d >= 0.02:
-            used.append((d * 1e6 / rows, pid, cmd))
-    for us, pid, cmd in sorted(used, reverse=True):
-        print(f"  {us:6.2f} us/row  {pid:>7}  {cmd}")
+    for pid, (cmd, cpu, vol, invol) in after.items():
+        _, cpu0, vol0, invol0 = before.get(pid, (cmd, 0.0, 0, 0))
+        if cpu - cpu0 >= 0.02:
+            k = 1000 / rows
+            used.append(
+                ((cpu - cpu0) * 1e6 / rows, (vol - vol0) * k, (invol - invol0) * k, pid, cmd)
+            )
+    for us, vol, invol, pid, cmd in sorted(used, reverse=True):
+        print(f"  {us:6.2f} us/row  {vol:6.2f} {invol:6.2f} switches/1k rows  {pid:>7}  {cmd}")
 
 
 def main() -> int:

@@ -106,6 +106,8 @@ def test_workers_are_forked_children_of_the_supervisor_and_die_with_it(
         assert "dataflare.daemon.cli" in _cmdline(pid), _cmdline(pid)
         assert _ppid(pid) == sup
     assert sorted(_comm(pid) for pid in workers) == ["df-apply", "df-source"]
+    # batch scheduling: their wakeups do not preempt the databases' processes
+    assert all(os.sched_getscheduler(pid) == os.SCHED_BATCH for pid in workers)
     zygotes = [p for p in _children(sup) if p not in workers and _comm(p) == "df-zygote"]
     assert len(zygotes) == 1
     # A worker holds its own ring's fds and nothing of the zygote's: the ring's
@@ -146,6 +148,9 @@ def test_without_the_zygote_workers_start_the_plain_way(
     wait_for(lambda: len(d.workflow("gen")["pids"]) == 2, 20, "new workers")
     for pid in d.workflow("gen")["pids"]:
         assert "dataflare.daemon.worker" in _cmdline(pid), _cmdline(pid)
+        wait_for(  # once it runs (imported the data path, unlike a fork)
+            lambda p=pid: os.sched_getscheduler(p) == os.SCHED_BATCH, 20, "batch scheduling"
+        )
         assert _ppid(pid) == d.proc.pid
     assert "the zygote could not fork a worker" in d.log.read_text()
     wait_for(lambda: d.workflow("gen")["state"] == "stopped", 60, "workflow finished")
