@@ -22,9 +22,12 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 # While the stream flows, how long a read pauses before waiting for more (see
-# ReplicationConnection.read_many): long enough to collect a few hundred messages,
-# too short to matter for latency.
-COALESCE_S = 0.0005
+# ReplicationConnection.read_many). Long enough that the socket's receive window
+# fills: the walsender's sends then queue and leave in large segments instead of
+# one loopback segment per message, which had cost it more than decoding (2.6-3.0
+# against 4.8 us a row, workers as SCHED_BATCH; 0.5 ms before). Longer pauses
+# starved the walsender (8 ms, 20 ms: rates fell). Adds at most this much latency.
+COALESCE_S = 0.005
 # A read from the socket that brought fewer messages than this was a trickle: stop
 # reading and hand the burst over rather than wake again for the next few.
 DRAIN_MIN = 32
