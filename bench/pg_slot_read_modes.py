@@ -38,6 +38,9 @@ from dataflare.cdc.source import SourceContext
 
 from tests.servers import PostgresServer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pg_walsender_pace import insert_backlog  # type: ignore[import-not-found]
+
 TICK = os.sysconf("SC_CLK_TCK")
 OPTIONS = "'proto_version', '1', 'publication_names', 'p'"
 
@@ -139,20 +142,7 @@ def main() -> None:
     server = PostgresServer(Path(tempfile.mkdtemp(prefix="dataflare-modes")) / "pg").start()
     try:
         dsn = server.create_database("modes")
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(
-                "CREATE TABLE t (id bigint PRIMARY KEY, name text, amount numeric(12,2),"
-                " qty int, ts timestamptz)"
-            )
-            conn.execute("CREATE PUBLICATION p FOR TABLE t")
-            conn.execute("SELECT pg_create_logical_replication_slot('base', 'pgoutput')")
-            for i in range(0, rows, 1000):
-                conn.execute(
-                    "INSERT INTO t SELECT g, 'name ' || g, g * 1.25, g %% 100, now() "
-                    "FROM generate_series(%s::bigint, %s::bigint) g",
-                    (i + 1, i + 1000),
-                )
-            conn.execute("CHECKPOINT")
+        insert_backlog(dsn, rows)
         modes: dict[str, Callable[[str], tuple[float, float, float]]] = {
             "stream (walsender)": lambda s: read_stream(dsn, s, rows),
             f"get_changes x{args.chunk}": lambda s: read_sql(dsn, s, rows, args.chunk, False),

@@ -47,6 +47,25 @@ def walsender_cpu() -> float:
     return 0.0
 
 
+def insert_backlog(dsn: str, rows: int) -> None:
+    """Table t (five columns), publication p, slot 'base' created before ``rows``
+    inserts in 1000-row transactions (also used by pg_slot_read_modes.py)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE t (id bigint PRIMARY KEY, name text, amount numeric(12,2),"
+            " qty int, ts timestamptz)"
+        )
+        conn.execute("CREATE PUBLICATION p FOR TABLE t")
+        conn.execute("SELECT pg_create_logical_replication_slot('base', 'pgoutput')")
+        for i in range(0, rows, 1000):
+            conn.execute(
+                "INSERT INTO t SELECT g, 'name ' || g, g * 1.25, g %% 100, now() "
+                "FROM generate_series(%s::bigint, %s::bigint) g",
+                (i + 1, i + 1000),
+            )
+        conn.execute("CHECKPOINT")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=300_000)
@@ -56,19 +75,7 @@ def main() -> None:
     server = PostgresServer(Path(tempfile.mkdtemp(prefix="dataflare-pace")) / "pg").start()
     try:
         dsn = server.create_database("pace")
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(
-                "CREATE TABLE t (id bigint PRIMARY KEY, name text, amount numeric(12,2),"
-                " qty int, ts timestamptz)"
-            )
-            conn.execute("CREATE PUBLICATION p FOR TABLE t")
-            conn.execute("SELECT pg_create_logical_replication_slot('base', 'pgoutput')")
-            for i in range(0, rows, 1000):
-                conn.execute(
-                    "INSERT INTO t SELECT g, 'name ' || g, g * 1.25, g %% 100, now() "
-                    "FROM generate_series(%s::bigint, %s::bigint) g",
-                    (i + 1, i + 1000),
-                )
+        insert_backlog(dsn, rows)
         for round_ in (1, 2):
             for pause in (float(p) for p in args.pauses.split(",")):
                 replication.COALESCE_S = pause

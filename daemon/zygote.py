@@ -49,7 +49,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -110,6 +110,15 @@ def _remap(spec: Any, parent_fds: list[int], fds: list[int]) -> Any:
     return dataclasses.replace(spec, rings=rings, status_fd=ours[spec.status_fd])
 
 
+def _exit(code: int) -> NoReturn:
+    """Leave a forked process: what Python buffered is written, and nothing of the
+    process it was forked from runs (its atexit hooks, its objects' finalizers)."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
 def _become_worker(payload: bytes, fds: list[int], supervisor: int, serve: Any) -> None:
     """In the grandchild: wait to be the supervisor's and for its go, then run the
     worker. Never returns."""
@@ -136,10 +145,7 @@ def _become_worker(payload: bytes, fds: list[int], supervisor: int, serve: Any) 
     except BaseException:
         traceback.print_exc()
     finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(rc)
+        _exit(rc)
 
 
 def _fork(sock: socket.socket, payload: bytes, fds: list[int], supervisor: int, serve: Any) -> int:
@@ -221,10 +227,7 @@ def run(sock_fd: int, supervisor: int) -> None:
     except BaseException:
         traceback.print_exc()
     finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+        _exit(code)
 
 
 def main(sock: socket.socket, supervisor: int) -> int:
