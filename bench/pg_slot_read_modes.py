@@ -20,11 +20,9 @@ buffers.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,30 +34,14 @@ from dataflare.cdc.postgres.config import PostgresSourceConfig
 from dataflare.cdc.postgres.source import PostgresSource
 from dataflare.cdc.source import SourceContext
 
-from tests.servers import PostgresServer
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pg_walsender_pace import insert_backlog  # type: ignore[import-not-found]
+from pg_walsender_pace import (  # type: ignore[import-not-found]
+    backlog_server,
+    cpu_of,
+    walsender_pid,
+)
 
-TICK = os.sysconf("SC_CLK_TCK")
 OPTIONS = "'proto_version', '1', 'publication_names', 'p'"
-
-
-def cpu_of(pid: int) -> float:
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / TICK
-
-
-def walsender_pid() -> int:
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if "walsender" in cmd and "START_REPLICATION" in cmd:
-                return int(d.name)
-    raise RuntimeError("no streaming walsender")
 
 
 def copy_slot(dsn: str, name: str) -> None:
@@ -78,6 +60,8 @@ def read_stream(dsn: str, slot: str, rows: int) -> tuple[float, float, float]:
     src = PostgresSource("s", cfg, SourceContext("modes", pg_text=True))
     src.open(None)
     server = walsender_pid()
+    if server is None:
+        raise RuntimeError("no streaming walsender")
     s0, c0, t0 = cpu_of(server), time.process_time(), time.perf_counter()
     got = 0
     while got < rows:
@@ -139,10 +123,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     rows = args.rows
-    server = PostgresServer(Path(tempfile.mkdtemp(prefix="dataflare-modes")) / "pg").start()
-    try:
-        dsn = server.create_database("modes")
-        insert_backlog(dsn, rows)
+    with backlog_server("modes", rows) as dsn:
         modes: dict[str, Callable[[str], tuple[float, float, float]]] = {
             "stream (walsender)": lambda s: read_stream(dsn, s, rows),
             f"get_changes x{args.chunk}": lambda s: read_sql(dsn, s, rows, args.chunk, False),
@@ -172,8 +153,6 @@ def main() -> None:
                 f"  {name:24} server {srv:5.2f} us/row  reader {rd:5.2f} us/row  "
                 f"{rate:10,.0f} rows/s"
             )
-    finally:
-        server.destroy()
 
 
 if __name__ == "__main__":

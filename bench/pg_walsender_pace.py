@@ -13,9 +13,12 @@ read rate. Two rounds; compare within a round: the machine is noisy.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -29,22 +32,44 @@ from dataflare.cdc.source import SourceContext
 
 from tests.servers import PostgresServer
 
-TICK = 100  # clock ticks per second in /proc/<pid>/stat
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(pid: int) -> float:
+    """user + system CPU seconds of ``pid``."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / TICK
+
+
+def walsender_pid() -> int | None:
+    """The (one) walsender streaming now."""
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "walsender" in cmd and "START_REPLICATION" in cmd:
+                return int(d.name)
+    return None
 
 
 def walsender_cpu() -> float:
     """CPU seconds of the (one) walsender streaming now."""
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
-            f = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if "walsender" in cmd and "START_REPLICATION" in cmd:
-            return (int(f[11]) + int(f[12])) / TICK
-    return 0.0
+    pid = walsender_pid()
+    return cpu_of(pid) if pid is not None else 0.0
+
+
+@contextlib.contextmanager
+def backlog_server(prefix: str, rows: int) -> Iterator[str]:
+    """A private server holding ``insert_backlog(rows)``: the database's DSN."""
+    server = PostgresServer(Path(tempfile.mkdtemp(prefix=f"dataflare-{prefix}")) / "pg").start()
+    try:
+        dsn = server.create_database(prefix)
+        insert_backlog(dsn, rows)
+        yield dsn
+    finally:
+        server.destroy()
 
 
 def insert_backlog(dsn: str, rows: int) -> None:
@@ -72,10 +97,7 @@ def main() -> None:
     ap.add_argument("--pauses", default="0.0005,0,0.002")
     args = ap.parse_args()
     rows = args.rows
-    server = PostgresServer(Path(tempfile.mkdtemp(prefix="dataflare-pace")) / "pg").start()
-    try:
-        dsn = server.create_database("pace")
-        insert_backlog(dsn, rows)
+    with backlog_server("pace", rows) as dsn:
         for round_ in (1, 2):
             for pause in (float(p) for p in args.pauses.split(",")):
                 replication.COALESCE_S = pause
@@ -101,8 +123,6 @@ def main() -> None:
                     flush=True,
                 )
                 src.close()
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from dataflare.daemon.ring import RingOwner
 from dataflare.daemon.status_model import WorkflowObserver, merge_table_counts, ring_fill
 from dataflare.daemon.watch import ConfigWatcher
 from dataflare.daemon.worker_spec import WorkerSpec
+from dataflare.daemon.zygote import stat_fields
 from dataflare.daemon.zygote_client import ForkedWorker
 from loguru import logger
 
@@ -562,8 +563,7 @@ def exited_children(known: set[int]) -> set[int]:
     for name in os.listdir("/proc"):
         if name.isdigit() and int(name) not in known:
             try:
-                with open(f"/proc/{name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
+                fields = stat_fields(name)
             except (OSError, IndexError):
                 continue
             if fields[0] == "Z" and int(fields[1]) == me:

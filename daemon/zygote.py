@@ -67,12 +67,19 @@ ZYGOTE_NAME = b"df-zygote"
 WORKER_NAMES = {"source": b"df-source", "apply": b"df-apply"}  # (the plain way: "python")
 
 
-def prctl(option: int, value: int) -> bool:
+def prctl(option: int, value: int | ctypes.c_char_p) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return int(libc.prctl(option, value, 0, 0, 0)) == 0
     except (OSError, AttributeError):
         return False
+
+
+def stat_fields(pid: int | str = "self") -> list[str]:
+    """/proc/<pid>/stat after the command name (fields[0] is the state, field 3 of
+    proc(5)); raises OSError when the process is gone."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -127,11 +134,11 @@ def _become_worker(payload: bytes, fds: list[int], supervisor: int, serve: Any) 
         deadline = time.monotonic() + REPARENT_TIMEOUT_S
         while os.getppid() != supervisor:
             if time.monotonic() > deadline:
-                os._exit(_EXIT_RETRYABLE)  # the supervisor is gone, or not our subreaper
+                return  # the supervisor is gone, or not our subreaper (exit: finally)
             time.sleep(0.0005)
         go, fds = fds[0], fds[1:]
         if os.read(go, 1) != GO:
-            os._exit(_EXIT_RETRYABLE)  # not confirmed: the supervisor runs no such worker
+            return  # not confirmed: the supervisor runs no such worker
         os.close(go)
         parent_fds, spec = pickle.loads(payload)
         set_name(WORKER_NAMES.get(spec.role, b"df-worker"))
@@ -179,8 +186,7 @@ def _fork(sock: socket.socket, payload: bytes, fds: list[int], supervisor: int, 
 def set_name(name: bytes) -> None:
     """The process name ``ps -o comm``, ``top`` and /proc/<pid>/comm show (15
     bytes): a fork keeps the CLI's command line, so this tells them apart."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+    prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]))
 
 
 _SUPERVISOR_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -194,7 +200,7 @@ def _blank_exec_environ(names: list[str]) -> None:
     if not names:
         return
     try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat_fields()
         start, end = int(fields[47]), int(fields[48])  # env_start, env_end (proc(5) 50, 51)
         shown = Path("/proc/self/environ").read_bytes()  # what the kernel reads there
     except (OSError, IndexError, ValueError):
