@@ -6,7 +6,7 @@ catch up on the same backlog.
 The setup of ``pg_bench.py`` (same servers, backlog, settling before each run), one
 run of each; prints rows/s and, for every process that used CPU during the run,
 its CPU time per row (from /proc/<pid>/stat, sampled when the target caught up) and
-its context switches per 1000 rows, voluntary (it waited) and involuntary
+its context switches and minor page faults per 1000 rows, voluntary (it waited) and involuntary
 (preempted; /proc/<pid>/status): the
 walsender and the apply worker for native; the walsender, the sink's backend, the
 source and apply workers, the zygote and the supervisor for DataFlare. Read the
@@ -31,7 +31,8 @@ from tests.servers import PostgresServer
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-Sample = tuple[str, float, int, int]  # label, CPU s, voluntary and involuntary switches
+# label, CPU s, voluntary and involuntary switches, minor page faults
+Sample = tuple[str, float, int, int, int]
 
 
 def cpu_by_process() -> dict[int, Sample]:
@@ -58,6 +59,7 @@ def cpu_by_process() -> dict[int, Sample]:
             (int(f[11]) + int(f[12])) / TICK,
             switches.get("voluntary_ctxt_switches", 0),
             switches.get("nonvoluntary_ctxt_switches", 0),
+            int(f[7]),
         )
     return out
 
@@ -76,15 +78,24 @@ def report(
         f"{rows / (t1 - t_stream):,.0f} from streaming"
     )
     used = []
-    for pid, (cmd, cpu, vol, invol) in after.items():
-        _, cpu0, vol0, invol0 = before.get(pid, (cmd, 0.0, 0, 0))
+    for pid, (cmd, cpu, vol, invol, flt) in after.items():
+        _, cpu0, vol0, invol0, flt0 = before.get(pid, (cmd, 0.0, 0, 0, 0))
         if cpu - cpu0 >= 0.02:
             k = 1000 / rows
             used.append(
-                ((cpu - cpu0) * 1e6 / rows, (vol - vol0) * k, (invol - invol0) * k, pid, cmd)
+                (
+                    (cpu - cpu0) * 1e6 / rows,
+                    (vol - vol0) * k,
+                    (invol - invol0) * k,
+                    (flt - flt0) * k,
+                    pid,
+                    cmd,
+                )
             )
-    for us, vol, invol, pid, cmd in sorted(used, reverse=True):
-        print(f"  {us:6.2f} us/row  {vol:6.2f} {invol:6.2f} switches/1k rows  {pid:>7}  {cmd}")
+    print("      CPU      switches/1k rows   page faults")
+    print("             voluntary involuntary  /1k rows")
+    for us, vol, invol, flt, pid, cmd in sorted(used, reverse=True):
+        print(f"  {us:6.2f} us/row  {vol:6.2f} {invol:6.2f}  {flt:8.1f}  {pid:>7}  {cmd}")
 
 
 def main() -> int:

@@ -893,6 +893,29 @@ def main() -> int:
     return serve(spec)
 
 
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+TRIM_THRESHOLD = 64 << 20
+MMAP_THRESHOLD = 32 << 20  # glibc's largest
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc's malloc keep what a batch freed for the next batch.
+
+    Every batch allocates buffers of hundreds of KB (a frame, its msgpack) and frees
+    them. By default glibc maps such blocks afresh or returns the top of the heap
+    once over 2x its adaptive threshold, so the next batch faulted the same pages in
+    again, zeroed: page faults were a fifth of the source's CPU while catching up
+    (perf), 17 per 1000 rows in the apply. Held memory stays bounded by the largest
+    batch; a block over 32 MB is still mapped and unmapped. No-op off glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def serve(spec: WorkerSpec) -> int:
     """Run one worker (also the entry of a worker forked by the zygote)."""
     # Each row makes several tuples; with the default threshold (700) the cyclic GC
@@ -906,6 +929,7 @@ def serve(spec: WorkerSpec) -> int:
     # preempt (bench/pg_cpu_split.py). Unprivileged; where refused, no matter.
     with contextlib.suppress(OSError, AttributeError):
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    _keep_freed_memory()
     _die_with_parent(spec.parent_pid)
     role = f"{spec.role}:{spec.source}" if spec.role == "source" else "apply"
     logs.configure(spec.log_level, spec.log_format, component=role)
