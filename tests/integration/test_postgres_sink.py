@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
@@ -368,6 +369,53 @@ def test_inserts_of_existing_keys_fall_back_to_the_upsert(
     assert t.direct_misses == 0  # loaded plainly again, after the delete
     assert items(pg_db) == [(2, "b2", 20), (3, "c", 3), (5, "e2", 50), (6, "f", 6)]
     assert checkpoint_row(pg_db) == [("src", "postgres", 7)]
+
+
+def test_upserts_merge_and_a_key_inserted_meanwhile_is_updated(
+    make_sink: SinkFactory, pg_db: str
+) -> None:
+    """Upserts run as a MERGE; a key that another session inserts while the MERGE
+    runs (the MERGE then meets a unique violation, where ON CONFLICT would update)
+    is upserted after all, and MERGE stays in use."""
+    sink = make_sink()
+    sink.write("src", batch([ins(1, (1, "a", 1)), ins(1, (2, "b", 2))]))
+    sink.write("src", batch([upd(2, (1, "a2", 10))]))
+    t = sink._tables[ITEMS]
+    assert t.merge_sql is not None
+    assert items(pg_db) == [(1, "a2", 10), (2, "b", 2)]
+
+    errors: list[BaseException] = []
+    with psycopg.connect(pg_db) as other:
+        other.execute("INSERT INTO items VALUES (3, 'theirs', 0)")  # not committed yet
+
+        def write() -> None:
+            try:
+                sink.write("src", batch([upd(3, (3, "ours", 30)), upd(3, (2, "b3", 20))]))
+            except BaseException as e:  # (re-raised below)
+                errors.append(e)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        deadline = time.monotonic() + 30
+        while not q(pg_db, "SELECT 1 FROM pg_stat_activity WHERE wait_event = 'transactionid'"):
+            assert time.monotonic() < deadline and writer.is_alive(), "the MERGE never waited"
+            time.sleep(0.01)
+        other.commit()
+        writer.join(30)
+    assert not errors, errors
+    assert items(pg_db) == [(1, "a2", 10), (2, "b3", 20), (3, "ours", 30)]
+    assert t.merge_sql is not None
+    assert checkpoint_row(pg_db) == [("src", "postgres", 3)]
+
+
+def test_a_table_with_rules_is_upserted_without_merge(make_sink: SinkFactory, pg_db: str) -> None:
+    q(pg_db, "CREATE TABLE items (id bigint PRIMARY KEY, name text, qty integer)")
+    q(pg_db, "CREATE RULE audit AS ON DELETE TO items DO ALSO NOTIFY items_deleted")
+    sink = make_sink(create_tables=False)
+    sink.write("src", batch([ins(1, (1, "a", 1)), ins(1, (2, "b", 2))]))
+    sink.write("src", batch([upd(2, (1, "a2", 10)), upd(2, (3, "c", 3))]))
+    assert sink._tables[ITEMS].merge_sql is None
+    assert items(pg_db) == [(1, "a2", 10), (2, "b", 2), (3, "c", 3)]
 
 
 def test_text_rows_into_other_target_types_are_loaded_first(
