@@ -18,12 +18,17 @@
  *       by tabs, NULL as \N, backslash, tab, newline and carriage return escaped,
  *       each row ending in a newline.
  *
- *   take_rows(burst, start, relations, out, extra) -> int
+ *   take_packed(burst, start, relations, buf, runs, count) -> (int, int)
  *       The replication stream's CopyData payloads burst[start:] that are XLogData
  *       carrying an Insert, Update or Delete of a relation in `relations` (a dict
- *       relid -> object), appended to `out` as (tag, relation, relid << 8 | tag,
- *       message bytes, extra) until the first that is not one (handled by the
- *       caller): its index, or len(burst).
+ *       relid -> object), up to the first that is not one (handled by the caller).
+ *       Each message's bytes are appended to the bytearray `buf` as a msgpack bin
+ *       (an element of the transaction's array of messages, encoded where it
+ *       arrives: no object per row), and to the list `runs` a (relid << 8 | tag,
+ *       relation, count) tuple whenever the relation or kind differs from the last
+ *       run's (runs of one are the rule). `count` is the number of messages in
+ *       `buf` so far. Returns the index of the first payload not taken (or
+ *       len(burst)) and the new count.
  *
  *   read_copy(conn, getcopydata, freemem, limit, out) -> int
  *       Up to `limit` CopyData payloads (bytes) that libpq has already received on
@@ -313,19 +318,35 @@ done:
 }
 
 static PyObject *
-take_rows(PyObject *self, PyObject *args)
+take_packed(PyObject *self, PyObject *args)
 {
-    PyObject *burst, *relations, *out, *extra;
-    Py_ssize_t i;
-    if (!PyArg_ParseTuple(args, "O!nO!O!O:take_rows", &PyList_Type, &burst, &i, &PyDict_Type,
-                          &relations, &PyList_Type, &out, &extra))
+    PyObject *burst, *relations, *buf, *runs;
+    Py_ssize_t i, count;
+    if (!PyArg_ParseTuple(args, "O!nO!O!O!n:take_packed", &PyList_Type, &burst, &i,
+                          &PyDict_Type, &relations, &PyByteArray_Type, &buf, &PyList_Type,
+                          &runs, &count))
         return NULL;
     if (i < 0)
         i = 0;
-    /* Runs of one relation and one kind are the rule: look the relation up and make
-       the tally key once per run, not per row (and the tally then counts by identity). */
-    unsigned long last_relid = 0, last_tally = 0;
-    PyObject *rel = NULL, *tally = NULL; /* owned */
+    unsigned long last_tally = 0;
+    int have_run = 0;
+    Py_ssize_t nruns = PyList_GET_SIZE(runs);
+    if (nruns > 0) {
+        PyObject *last = PyList_GET_ITEM(runs, nruns - 1);
+        if (!PyTuple_Check(last) || PyTuple_GET_SIZE(last) != 3) {
+            PyErr_SetString(PyExc_TypeError, "take_packed(): runs hold (tally, relation, start)");
+            return NULL;
+        }
+        last_tally = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(last, 0));
+        if (last_tally == (unsigned long)-1 && PyErr_Occurred())
+            return NULL;
+        have_run = 1;
+    }
+    /* The bytearray grows by doubling here and is cut to its exact length at the end
+       (bytearray's own growth is 1/8: a realloc every few rows of a large transaction). */
+    Py_ssize_t used = PyByteArray_GET_SIZE(buf);
+    unsigned long last_relid = 0;
+    PyObject *rel = NULL; /* owned */
     PyObject *result = NULL;
     for (; i < PyList_GET_SIZE(burst); i++) {
         Py_buffer view;
@@ -358,32 +379,63 @@ take_rows(PyObject *self, PyObject *args)
             last_relid = relid;
         }
         unsigned long tv = (relid << 8) | tag;
-        if (tally == NULL || tv != last_tally) {
-            PyObject *t = PyLong_FromUnsignedLong(tv);
-            if (t == NULL) {
+        if (!have_run || tv != last_tally) {
+            PyObject *run = Py_BuildValue("(kOn)", tv, rel, count);
+            int failed = run == NULL || PyList_Append(runs, run) < 0;
+            Py_XDECREF(run);
+            if (failed) {
                 PyBuffer_Release(&view);
                 goto done;
             }
-            Py_XSETREF(tally, t);
             last_tally = tv;
+            have_run = 1;
         }
-        PyObject *msg = PyBytes_FromStringAndSize((const char *)b + 25, view.len - 25);
+        Py_ssize_t m = view.len - 25;
+        Py_ssize_t hdr = m < 256 ? 2 : (m < 65536 ? 3 : 5);
+        if (m > 0xFFFFFFFFLL) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_ValueError, "take_packed(): message over 4 GB");
+            goto done;
+        }
+        if (used + hdr + m > PyByteArray_GET_SIZE(buf)) {
+            Py_ssize_t want = PyByteArray_GET_SIZE(buf) * 2;
+            if (want < used + hdr + m)
+                want = used + hdr + m;
+            if (want < 65536)
+                want = 65536;
+            if (PyByteArray_Resize(buf, want) < 0) {
+                PyBuffer_Release(&view);
+                goto done;
+            }
+        }
+        unsigned char *out = (unsigned char *)PyByteArray_AS_STRING(buf) + used;
+        if (hdr == 2) {
+            out[0] = 0xc4;
+            out[1] = (unsigned char)m;
+        }
+        else if (hdr == 3) {
+            out[0] = 0xc5;
+            out[1] = (unsigned char)(m >> 8);
+            out[2] = (unsigned char)m;
+        }
+        else {
+            out[0] = 0xc6;
+            out[1] = (unsigned char)(m >> 24);
+            out[2] = (unsigned char)(m >> 16);
+            out[3] = (unsigned char)(m >> 8);
+            out[4] = (unsigned char)m;
+        }
+        memcpy(out + hdr, b + 25, (size_t)m);
         PyBuffer_Release(&view);
-        PyObject *tagv = msg ? PyLong_FromLong(tag) : NULL;
-        PyObject *rec = tagv ? PyTuple_Pack(5, tagv, rel, tally, msg, extra) : NULL;
-        Py_XDECREF(tagv);
-        Py_XDECREF(msg);
-        if (rec == NULL)
-            goto done;
-        int failed = PyList_Append(out, rec);
-        Py_DECREF(rec);
-        if (failed)
-            goto done;
+        used += hdr + m;
+        count++;
     }
-    result = PyLong_FromSsize_t(i);
+    result = Py_BuildValue("(nn)", i, count);
 done:
     Py_XDECREF(rel);
-    Py_XDECREF(tally);
+    /* Exact length, also on failure: what was appended before it stays whole. */
+    if (PyByteArray_GET_SIZE(buf) != used && PyByteArray_Resize(buf, used) < 0)
+        Py_CLEAR(result);
     return result;
 }
 
@@ -774,7 +826,7 @@ static PyMethodDef methods[] = {
     {"tuple_at", tuple_at, METH_VARARGS, "pgoutput TupleData at an offset"},
     {"copy_text", copy_text, METH_O, "rows in COPY text format"},
     {"decode_rows", decode_rows, METH_VARARGS, "pgoutput row changes as records"},
-    {"take_rows", take_rows, METH_VARARGS, "row-change XLogData of a burst, kept as bytes"},
+    {"take_packed", take_packed, METH_VARARGS, "row-change XLogData of a burst, as msgpack"},
     {"read_copy", read_copy, METH_VARARGS, "CopyData payloads libpq has buffered"},
     {"packed_copy", packed_copy, METH_VARARGS, "COPY text of pgoutput row messages"},
     {"my_decimal", my_decimal, METH_VARARGS, "a MySQL binary DECIMAL"},

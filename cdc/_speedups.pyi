@@ -6,9 +6,14 @@ def copy_text(rows: Sequence[Sequence[Any]]) -> bytes: ...
 def decode_rows(
     messages: Sequence[bytes], unchanged: Any
 ) -> list[tuple[int, int, tuple[Any, ...] | None, tuple[Any, ...] | None]]: ...
-def take_rows(
-    burst: list[Any], start: int, relations: dict[int, Any], out: list[Any], extra: Any
-) -> int: ...
+def take_packed(
+    burst: list[Any],
+    start: int,
+    relations: dict[int, Any],
+    buf: bytearray,
+    runs: list[Any],
+    count: int,
+) -> tuple[int, int]: ...
 def read_copy(conn: int, getcopydata: int, freemem: int, limit: int, out: list[Any]) -> int: ...
 def my_decimal(
     buf: bytes | memoryview, off: int, precision: int, scale: int

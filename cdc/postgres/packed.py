@@ -38,6 +38,38 @@ def pack(relids: list[list[int]], txns: list[list[Any]]) -> list[Any]:
     return [relids, msgpack.packb(txns)]
 
 
+def array_header(n: int) -> bytes:
+    """msgpack's header of an array of ``n`` elements."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def bin_header(n: int) -> bytes:
+    """msgpack's header of a bin of ``n`` bytes."""
+    if n < 0x100:
+        return bytes((0xC4, n))
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def encoded_txn(value: int, tag: str, xid: int | None, ts: int | None, count: int) -> bytes:
+    """The msgpack of a transaction ``[value, tag, xid, ts, [message, ...]]`` up to its
+    ``count`` messages, which follow it already encoded (the source encodes each
+    where it arrives): pack()'s encoding, built in pieces."""
+    fields: bytes = msgpack.packb([value, tag, xid, ts])
+    return b"\x95" + fields[1:] + array_header(count)
+
+
+def pack_encoded(relids: list[list[int]], txns: list[bytes | bytearray], ntxns: int) -> list[Any]:
+    """pack()'s payload from ``ntxns`` transactions already encoded in ``txns``
+    (encoded_txn headers, each followed by its messages)."""
+    return [relids, b"".join((array_header(ntxns), *txns))]
+
+
 def _split(payload: Any, schemas: Sequence[TableSchema]) -> tuple[list[Any], Any]:
     """(relid, layout) of each relation of a payload, and its transactions."""
     if type(payload) is not list or len(payload) != 2 or type(payload[1]) is not bytes:

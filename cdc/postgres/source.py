@@ -22,10 +22,11 @@ import operator
 import struct
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import msgpack
 import psycopg
 from dataflare.cdc.errors import ConfigError, FatalError, RetryableError
 from dataflare.cdc.model import (
@@ -42,7 +43,7 @@ from dataflare.cdc.model import (
 from dataflare.cdc.postgres import pgoutput as po
 from dataflare.cdc.postgres.config import PostgresSourceConfig
 from dataflare.cdc.postgres.packed import DECODER as PACKED_DECODER
-from dataflare.cdc.postgres.packed import pack
+from dataflare.cdc.postgres.packed import bin_header, encoded_txn, pack_encoded
 from dataflare.cdc.postgres.replication import (
     PINNED_OPTIONS,
     CommandError,
@@ -66,21 +67,26 @@ _U32_AT = struct.Struct(">I").unpack_from
 _ROW_TAGS = frozenset((0x49, 0x55, 0x44))  # 'I', 'U', 'D'
 _TRUNCATE_TAG = 0x54
 _OP_OF_TAG = {0x49: Op.INSERT, 0x55: Op.UPDATE, 0x44: Op.DELETE, _TRUNCATE_TAG: Op.TRUNCATE}
-# A packed _Pending's tally key: relid << 8 | tag (an int: counting them is cheap).
-_TALLY = operator.itemgetter(2)
-_MESSAGE = operator.itemgetter(3)
 _REL = operator.itemgetter(1)
 
 
-def _py_take_rows(
-    burst: list[Any], start: int, relations: dict[int, Any], out: list[Any], extra: Any
-) -> int:
+def _py_take_packed(
+    burst: list[Any],
+    start: int,
+    relations: dict[int, Any],
+    buf: bytearray,
+    runs: list[Any],
+    count: int,
+) -> tuple[int, int]:
     """Packed mode's per-message work on a burst of the stream: each XLogData that
-    carries an Insert, Update or Delete of a known relation is appended to ``out`` as
-    (tag, relation, relid << 8 | tag, message bytes, extra), up to the first payload that is
-    anything else (the caller's to handle): its index, or ``len(burst)``. The C twin
-    (``cdc/_speedups.c``) is used when built."""
+    carries an Insert, Update or Delete of a known relation has its message appended
+    to ``buf`` as a msgpack bin, and opens a run (tally key relid << 8 | tag,
+    relation, index of its first message) in ``runs`` where the last run's key
+    differs; up to the first payload that is anything else (the caller's to
+    handle). Its index, or ``len(burst)``, and the count of messages in ``buf``.
+    The C twin (``cdc/_speedups.c``) is used when built."""
     i, n = max(start, 0), len(burst)
+    last = runs[-1][0] if runs else -1
     while i < n:
         data = burst[i]
         if len(data) < 30 or data[0] != 0x77 or data[25] not in _ROW_TAGS:
@@ -89,21 +95,56 @@ def _py_take_rows(
         rel = relations.get(relid)
         if rel is None:
             break
-        out.append((data[25], rel, relid << 8 | data[25], bytes(data[25:]), extra))
+        tally = relid << 8 | data[25]
+        if tally != last:
+            runs.append((tally, rel, count))
+            last = tally
+        buf += bin_header(len(data) - 25)
+        buf += data[25:]
+        count += 1
         i += 1
-    return i
+    return i, count
 
 
-take_rows: Any
+take_packed: Any
 try:
-    from dataflare.cdc._speedups import take_rows
+    from dataflare.cdc._speedups import take_packed
 except ImportError:  # not built: the pure-Python twin
-    take_rows = _py_take_rows
+    take_packed = _py_take_packed
 
 
-def _messages(pending: list[_Pending]) -> list[Any]:
-    """A transaction's packed messages: pgoutput bytes, or the relid of a truncate."""
-    return list(map(_MESSAGE, pending))
+class _PackedTxn:
+    """Packed mode's open transaction: its messages encoded as msgpack where they
+    arrived (a bin per row message, an int per truncated relid), one after another,
+    and its runs of one relation and kind: (tally key relid << 8 | tag, relation,
+    index of the run's first message)."""
+
+    __slots__ = ("buf", "n", "runs")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.runs: list[tuple[int, _Relation, int]] = []
+        self.n = 0
+
+    def add_truncate(self, relid: int, rel: _Relation) -> None:
+        tally = relid << 8 | _TRUNCATE_TAG
+        if not self.runs or self.runs[-1][0] != tally:
+            self.runs.append((tally, rel, self.n))
+        self.buf += msgpack.packb(relid)
+        self.n += 1
+
+    def counts(self) -> Iterator[tuple[int, int]]:
+        """(tally key, messages) of each run."""
+        runs = self.runs
+        for j, (tally, _, first) in enumerate(runs):
+            yield tally, (runs[j + 1][2] if j + 1 < len(runs) else self.n) - first
+
+    def relations(self) -> Iterator[_Relation]:
+        return (rel for _, rel, _ in self.runs)
+
+    def encoded(self, value: int, tag: str, xid: int | None, ts: int | None) -> list[Any]:
+        """This transaction as packed.pack encodes one, in two pieces."""
+        return [encoded_txn(value, tag, xid, ts, self.n), self.buf]
 
 
 @dataclass
@@ -117,13 +158,12 @@ class _Relation:
 
 
 class _Pending(NamedTuple):
-    """A change of the open transaction. Packed mode: (tag byte, relation, tally key
-    relid << 8 | tag, pgoutput message bytes or a truncated relid, nothing)."""
+    """A change of the open transaction (packed mode keeps a _PackedTxn instead)."""
 
-    op: Any  # Op; a pgoutput tag byte in packed mode
+    op: Op
     rel: _Relation
-    before: Any  # Row | None; the tally key in packed mode
-    after: Any  # Row | None; the message in packed mode
+    before: Row | None
+    after: Row | None
     unchanged: frozenset[str]
 
 
@@ -215,9 +255,13 @@ class PostgresSource:
         # streaming state
         self._begin: po.Begin | None = None
         self._txn: list[_Pending] = []
+        self._ptxn = _PackedTxn()  # packed mode's open transaction (_txn stays empty)
         self._ready: list[Change] = []
         self._ready_count = 0  # changes ready (in _ready, or packed in _ready_txns)
-        self._ready_txns: list[list[Any]] = []  # packed: [end_lsn, tag, xid, ts, messages]
+        # packed: the ready transactions, encoded (_PackedTxn.encoded), and how many
+        self._ready_txns: list[Any] = []
+        self._ready_ntxns = 0
+        self._ready_first_end = 0  # packed: the end LSN of the first ready transaction
         self._ready_counts: Counter[int] = Counter()  # packed: by tally key
         self._ready_last: Position | None = None  # set while a complete batch is ready
         self._spilled = False  # the open transaction was partly sent already
@@ -721,7 +765,9 @@ class PostgresSource:
     def _cut_at_layout_change(self, table: TableId) -> None:
         """A batch has one layout per table: changes buffered under the old layout
         leave in batches of their own before any change in the new one."""
-        in_txn = any(p[1].schema.table == table for p in self._txn)
+        in_txn = any(r.schema.table == table for r in self._ptxn.relations()) or any(
+            p[1].schema.table == table for p in self._txn
+        )
         in_ready = table in self._ready_rels
         if (in_txn or in_ready) and self._ready_last is not None:
             self._queue.append(self._take_ready())
@@ -780,7 +826,7 @@ class PostgresSource:
                 or (first_at is not None and now - first_at >= self.cfg.batch_timeout)
             ):
                 return self._take_ready()
-            if len(self._txn) >= spill:
+            if len(self._txn) >= spill or self._ptxn.n >= spill:
                 # Memory stays bounded however fast a large transaction arrives:
                 # what is ready goes first, then the transaction's part.
                 return self._take_ready() if self._ready_last is not None else self._spill()
@@ -798,10 +844,11 @@ class PostgresSource:
             while i < n:
                 if raw:
                     # Row changes are kept as the server sent them, split by the apply
-                    # process (cdc.postgres.packed); a C loop over the burst takes them
-                    # up to the next message of another kind. (self._txn is swapped
-                    # by a Begin, a commit or a layout change's spill: look it up.)
-                    i = take_rows(burst, i, relations, self._txn, _NONE)
+                    # process (cdc.postgres.packed); a C loop over the burst encodes
+                    # them up to the next message of another kind. (self._ptxn is
+                    # swapped by a Begin, a commit or a layout change's spill.)
+                    ptxn = self._ptxn
+                    i, ptxn.n = take_packed(burst, i, relations, ptxn.buf, ptxn.runs, ptxn.n)
                     if i == n:
                         break
                 data = burst[i]
@@ -855,6 +902,7 @@ class PostgresSource:
         elif isinstance(msg, po.Begin):
             self._begin = msg
             self._txn = []
+            self._ptxn = _PackedTxn()
         elif isinstance(msg, po.Commit):
             return self._commit(msg)
         elif isinstance(msg, po.Relation):
@@ -863,8 +911,7 @@ class PostgresSource:
             for relid in msg.relids:
                 rel = self._rel(relid)
                 if self._pg_text:
-                    tally = relid << 8 | _TRUNCATE_TAG
-                    self._txn.append(_Pending(_TRUNCATE_TAG, rel, tally, relid, _NONE))
+                    self._ptxn.add_truncate(relid, rel)
                 else:
                     self._txn.append(_Pending(Op.TRUNCATE, rel, None, None, frozenset()))
         return False
@@ -895,30 +942,32 @@ class PostgresSource:
         begin = self._begin
         self._begin = None
         pending, self._txn = self._txn, []
+        ptxn, self._ptxn = self._ptxn, _PackedTxn()
         spilled, self._spilled = self._spilled, False
-        if not pending and not spilled:
+        if not pending and not ptxn.n and not spilled:
             return False  # nothing published in it; the keepalive heartbeat covers it
         # A spilled transaction always ends with a complete batch, even an empty one.
         pos = Position(KIND, msg.end_lsn)
+        xid = begin.xid if begin else None
         if self._pg_text:
-            # Packed records hold their relid in their tally key: the distinct ones
-            # in a C-speed pass (a layout change inside the transaction spilled what
-            # came before it, so each relid's relation is the current one).
-            relations = self._relations
-            for relid in {k >> 8 for k in set(map(_TALLY, pending))}:
-                rel = relations[relid]
+            # (a layout change inside the transaction spilled what came before it, so
+            # each run's relation is the current one)
+            for rel in ptxn.relations():
                 self._ready_rels[rel.schema.table] = rel
+            if not self._ready_ntxns:
+                self._ready_first_end = msg.end_lsn
+            self._ready_txns.extend(ptxn.encoded(msg.end_lsn, "", xid, msg.commit_ts_us))
+            self._ready_ntxns += 1
+            counts = self._ready_counts
+            for tally, n in ptxn.counts():
+                counts[tally] += n
+            self._ready_count += ptxn.n
         else:
             # Relations by id (hashing a _Relation's TableId per change would cost more).
             for rel in {id(r): r for r in map(_REL, pending)}.values():
                 self._ready_rels[rel.schema.table] = rel
-        xid = begin.xid if begin else None
-        if self._pg_text:
-            self._ready_txns.append([msg.end_lsn, "", xid, msg.commit_ts_us, _messages(pending)])
-            self._ready_counts.update(map(_TALLY, pending))
-        else:
             self._ready.extend(self._changes(pending, pos, xid, msg.commit_ts_us))
-        self._ready_count += len(pending)
+            self._ready_count += len(pending)
         self._ready_last = pos
         self._sent_txns.append((msg.end_lsn, msg.commit_ts_us))
         return True
@@ -934,9 +983,10 @@ class PostgresSource:
         schemas = [r.schema for r in rels]
         if self._pg_text:
             txns, self._ready_txns = self._ready_txns, []
+            ntxns, self._ready_ntxns = self._ready_ntxns, 0
             counts, self._ready_counts = self._ready_counts, Counter()
-            first = Position(KIND, txns[0][0]) if txns else last
-            packed = self._pack(rels, schemas, txns, count, counts)
+            first = Position(KIND, self._ready_first_end) if ntxns else last
+            packed = self._pack(rels, schemas, txns, ntxns, count, counts)
             return Batch([], schemas, first, last, True, pg_text=self._texts(rels), packed=packed)
         first = changes[0].position if changes else last
         return Batch(changes, schemas, first, last, complete=True)
@@ -945,7 +995,8 @@ class PostgresSource:
     def _pack(
         rels: list[_Relation],
         schemas: list[TableSchema],
-        txns: list[list[Any]],
+        txns: list[Any],
+        ntxns: int,
         count: int,
         counts: Counter[int],
     ) -> Packed:
@@ -956,7 +1007,7 @@ class PostgresSource:
         for key, n in counts.items():
             k = (tables[key >> 8], _OP_OF_TAG[key & 0xFF])
             tally[k] = tally.get(k, 0) + n
-        return Packed(PACKED_DECODER, count, pack(relids, txns), tally)
+        return Packed(PACKED_DECODER, count, pack_encoded(relids, txns, ntxns), tally)
 
     def _texts(self, rels: Iterable[_Relation]) -> dict[TableId, tuple[int, ...]]:
         if not self._pg_text:
@@ -967,25 +1018,24 @@ class PostgresSource:
         """Part of a transaction too large to hold: sent as an incomplete batch."""
         assert self._begin is not None
         pending, self._txn = self._txn, []
+        ptxn, self._ptxn = self._ptxn, _PackedTxn()
         self._spilled = True
         pos = Position(KIND, self._begin.final_lsn + 1, "partial")
-        rels = [r for _, r in sorted({p[1].schema.table: p[1] for p in pending}.items())]
-        schemas = [r.schema for r in rels]
+        xid, ts = self._begin.xid, self._begin.commit_ts_us
         if self._pg_text:
-            txn = [
-                pos.value,
-                pos.tag,
-                self._begin.xid,
-                self._begin.commit_ts_us,
-                _messages(pending),
-            ]
-            packed_rows = self._pack(
-                rels, schemas, [txn], len(pending), Counter(map(_TALLY, pending))
-            )
+            rels = [r for _, r in sorted({r.schema.table: r for r in ptxn.relations()}.items())]
+            schemas = [r.schema for r in rels]
+            counts: Counter[int] = Counter()
+            for tally, n in ptxn.counts():
+                counts[tally] += n
+            txn = ptxn.encoded(pos.value, pos.tag, xid, ts)
+            packed_rows = self._pack(rels, schemas, txn, 1, ptxn.n, counts)
             return Batch(
                 [], schemas, pos, pos, False, pg_text=self._texts(rels), packed=packed_rows
             )
-        changes = self._changes(pending, pos, self._begin.xid, self._begin.commit_ts_us)
+        rels = [r for _, r in sorted({p[1].schema.table: p[1] for p in pending}.items())]
+        schemas = [r.schema for r in rels]
+        changes = self._changes(pending, pos, xid, ts)
         return Batch(changes, schemas, pos, pos, complete=False)
 
     def _idle(self) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import msgpack
 import pytest
 from dataflare.cdc import _speedups
 from dataflare.cdc.codec import decode_batch, encode_batch
@@ -13,7 +14,7 @@ from dataflare.cdc.errors import FatalError
 from dataflare.cdc.model import Batch, Column, Op, Packed, Position, TableId, TableSchema
 from dataflare.cdc.postgres import pgoutput as po
 from dataflare.cdc.postgres import source as pg_source
-from dataflare.cdc.postgres.packed import DECODER, pack
+from dataflare.cdc.postgres.packed import DECODER, encoded_txn, pack, pack_encoded
 from dataflare.sinks.pg_copy_text import copy_text, packed_copy, py_copy_text, py_packed_copy
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -45,7 +46,7 @@ def test_the_c_twins_are_in_use() -> None:
     assert po._tuple_at is _speedups.tuple_at
     assert po.decode_rows is _speedups.decode_rows
     assert copy_text is _speedups.copy_text
-    assert pg_source.take_rows is _speedups.take_rows
+    assert pg_source.take_packed is _speedups.take_packed
     assert packed_copy is _speedups.packed_copy
 
 
@@ -138,20 +139,68 @@ BURST_ITEM = st.one_of(
 
 
 @settings(max_examples=300)
-@given(st.lists(BURST_ITEM, max_size=8), st.integers(-1, 9), st.booleans())
-def test_take_rows_agrees(items: list[bytes], start: int, views: bool) -> None:
+@given(
+    st.lists(BURST_ITEM, max_size=8),
+    st.integers(-1, 9),
+    st.booleans(),
+    st.sampled_from([[], [(1 << 8 | 0x49, "one", 0)], [(9 << 8 | 0x54, "nine", 0)]]),
+)
+def test_take_packed_agrees(items: list[bytes], start: int, views: bool, runs: list[Any]) -> None:
+    """Same stop, same runs (continuing the last one), and the messages as msgpack
+    bins, whichever twin: appended to what the transaction held."""
     burst: list[Any] = [memoryview(b) for b in items] if views else list(items)
     relations = {1: "one", 2: "two", 3: "three"}
+    held = b"\xc4\x01x" if runs else b""
     results = []
-    for fn in (_speedups.take_rows, pg_source._py_take_rows):
-        out: list[Any] = ["kept"]
-        results.append((fn(burst, start, relations, out, None), out))
+    for fn in (_speedups.take_packed, pg_source._py_take_packed):
+        buf, out = bytearray(held), list(runs)
+        results.append((fn(burst, start, relations, buf, out, len(runs)), bytes(buf), out))
     assert results[0] == results[1]
-    stop, out = results[0]
-    for rec, item in zip(out[1:], items[max(start, 0) :], strict=False):
-        assert rec == (item[25], relations[rec[2] >> 8], rec[2], item[25:], None)
-        assert rec[2] & 0xFF == item[25]
-    assert stop == max(start, 0) + len(out) - 1 or (start > len(items) and len(out) == 1)
+    (stop, count), buf, out = results[0]
+    taken = items[max(start, 0) : stop]
+    assert count == len(runs) + len(taken)
+    assert buf == held + b"".join(msgpack.packb(m[25:]) for m in taken)
+    # a run opens wherever relation or kind changes, at the index of its first message
+    want = list(runs)
+    for k, m in enumerate(taken):
+        tally = struct.unpack(">I", m[26:30])[0] << 8 | m[25]
+        if not want or want[-1][0] != tally:
+            want.append((tally, relations[tally >> 8], len(runs) + k))
+    assert out == want
+
+
+def test_take_packed_encodes_messages_of_every_length() -> None:
+    sizes = [5, 255, 256, 65_535, 65_536, 70_000]  # bin8, bin16, bin32 either side
+    burst: list[Any] = [xlogdata(b"I" + struct.pack(">I", 1) + b"x" * (n - 5)) for n in sizes]
+    burst.append(b"not a row")
+    got = []
+    for fn in (_speedups.take_packed, pg_source._py_take_packed):
+        buf, runs = bytearray(), []
+        got.append((fn(burst, 0, {1: "r"}, buf, runs, 0), bytes(buf), runs))
+    assert got[0] == got[1]
+    (stop, count), buf, runs = got[0]
+    assert stop == count == len(sizes)
+    assert buf == b"".join(msgpack.packb(m[25:]) for m in burst[:-1])
+    assert runs == [(1 << 8 | 0x49, "r", 0)]
+
+
+def test_encoded_transactions_are_what_pack_makes() -> None:
+    """The source's payload, built where the messages arrive, is pack()'s."""
+    txns: list[list[Any]] = [
+        [100, "", 7, 1_000, [b"I" + bytes(30), 16384]],
+        [2**40, "partial", None, None, [b"U" * 300] * 20],
+        [300, "", 2**33, -5, []],
+    ]
+    chunks: list[Any] = []
+    for value, tag, xid, ts, msgs in txns:
+        chunks.append(encoded_txn(value, tag, xid, ts, len(msgs)))
+        chunks.append(b"".join(msgpack.packb(m) for m in msgs))
+    relids = [[16384, 0]]
+    assert pack_encoded(relids, chunks, len(txns)) == pack(relids, txns)
+    many = [[i, "", i, i, []] for i in range(70_000)]  # array16 and array32 headers
+    enc = [encoded_txn(i, "", i, i, 0) for i in range(70_000)]
+    assert pack_encoded(relids, enc, 70_000) == pack(relids, many)
+    assert pack_encoded(relids, enc[:20], 20) == pack(relids, many[:20])
 
 
 TEXT = st.binary(max_size=12).filter(lambda b: b"\x00" not in b)  # PostgreSQL text: no NUL
