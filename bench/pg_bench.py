@@ -5,16 +5,21 @@
 Two private PostgreSQL 15 servers (source A, target B) with the same settings. For
 each workload (inserts; updates of existing rows), both replicators are given the
 same backlog, as a slot created before the load, and timed until the target has
-caught up (a sentinel transaction written last becomes visible). They run one after
+caught up (a sentinel transaction written last becomes visible): native from
+ALTER SUBSCRIPTION ENABLE in its running server, DataFlare from its workflow's
+start in a running daemon (the file added to workflows.d and a reload, SIGHUP);
+each start then costs what the replicator itself does to start streaming, not a
+server's or a daemon's launch. They run one after
 the other, never together, in alternating order (odd runs native first), each after
 a checkpoint on both servers and with its target table read into shared buffers;
 autovacuum is off on both servers, so neither one's timed run vacuums, checkpoints
 or re-reads what the load or the other one wrote. Prints rows/s
 for both and the ratio, median of --runs:
-once from the start (ALTER SUBSCRIPTION ENABLE; the daemon's launch), and once
+once from the start (ALTER SUBSCRIPTION ENABLE; the workflow's start), and once
 counted from when each replicator first streamed from its slot (the catch-up proper,
-without the one-off start: the apply worker's launch, the daemon's processes and
-connections).
+without the one-off start: the apply worker's launch, the workers' start and
+connections); then how long each took from its start to stream, and how long a
+daemon launched cold (a new process with the workflow in its config) takes.
 
 Also prints the CPU time the whole machine spent per million rows while each one
 ran (from /proc/stat; the daemon's own share from its processes): on 2 cores both
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -166,7 +172,18 @@ class DaemonRun:
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, idle: bool = False) -> None:
+        """Launch the daemon; ``idle``: without the workflow, and return once it is
+        ready (its systemd READY=1), for ``enable`` to start the workflow."""
+        workflow = self.base / "workflows.d" / "bench.yaml"
+        env = dict(os.environ)
+        notify: socket.socket | None = None
+        if idle:
+            workflow.rename(self.base / "bench.yaml.held")
+            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            notify.bind(str(self.base / "notify.sock"))
+            notify.settimeout(60)
+            env["NOTIFY_SOCKET"] = str(self.base / "notify.sock")
         log = open(self.base / "daemon.log", "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [
@@ -179,8 +196,20 @@ class DaemonRun:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
         log.close()
+        if notify is not None:
+            with notify:
+                while b"READY=1" not in notify.recv(4096).split(b"\n"):
+                    pass
+
+    def enable(self) -> None:
+        """Start the workflow in the running daemon: its file back in workflows.d,
+        then a reload."""
+        assert self.proc is not None
+        (self.base / "bench.yaml.held").rename(self.base / "workflows.d" / "bench.yaml")
+        self.proc.send_signal(signal.SIGHUP)
 
     def rss_mb(self) -> float:
         assert self.proc is not None
@@ -290,7 +319,7 @@ def catch_up(
     sql(src, "SELECT pg_create_logical_replication_slot('dataflare_slot', 'pgoutput')")
     load(src, rows, 1000, kind, run_id)
 
-    def run_native() -> tuple[float, float, float]:
+    def run_native() -> tuple[float, float, float, float]:
         settle(native_dst, a, b)
         t0, c0 = time.perf_counter(), busy_seconds()
         sql(native_dst, "ALTER SUBSCRIPTION native_sub ENABLE")
@@ -304,9 +333,9 @@ def catch_up(
             "DROP SUBSCRIPTION native_sub",
         )
         sql(src, "SELECT pg_drop_replication_slot('native_slot')")
-        return rows / (t1 - t0), rows / (t1 - t_stream), cpu
+        return rows / (t1 - t0), rows / (t1 - t_stream), cpu, t_stream - t0
 
-    def run_dataflare() -> tuple[float, float, float, float]:
+    def run_dataflare() -> tuple[float, float, float, float, float]:
         d = DaemonRun(
             work / f"{kind}-{run_id}",
             src,
@@ -314,26 +343,27 @@ def catch_up(
             "dataflare_slot",
             ["public.items", "public.bench_done"],
         )
-        settle(df_dst, a, b)
-        t0, c0 = time.perf_counter(), busy_seconds()
-        d.start()
+        d.start(idle=True)
         try:
+            assert d.proc is not None
+            settle(df_dst, a, b)
+            t0, c0, own0 = time.perf_counter(), busy_seconds(), tree_cpu_seconds(d.proc.pid)
+            d.enable()
             t_stream = wait_streaming(src, "dataflare_slot")
             t1 = wait_sentinel(df_dst, run_id)
             cpu = busy_seconds() - c0
-            assert d.proc is not None
-            own = tree_cpu_seconds(d.proc.pid)
+            own = tree_cpu_seconds(d.proc.pid) - own0
         finally:
             d.stop()
-        return rows / (t1 - t0), rows / (t1 - t_stream), cpu, own
+        return rows / (t1 - t0), rows / (t1 - t_stream), cpu, own, t_stream - t0
 
     # Whoever runs second would meet the first one's aftermath; alternate.
     if run_id % 2:
-        native, native_streaming, native_cpu = run_native()
-        df, df_streaming, df_cpu, daemon_cpu = run_dataflare()
+        native, native_streaming, native_cpu, native_start = run_native()
+        df, df_streaming, df_cpu, daemon_cpu, df_start = run_dataflare()
     else:
-        df, df_streaming, df_cpu, daemon_cpu = run_dataflare()
-        native, native_streaming, native_cpu = run_native()
+        df, df_streaming, df_cpu, daemon_cpu, df_start = run_dataflare()
+        native, native_streaming, native_cpu, native_start = run_native()
     assert one(df_dst, "SELECT count(*) FROM items") == one(src, "SELECT count(*) FROM items")
     assert one(df_dst, "SELECT sum(qty) FROM items") == one(src, "SELECT sum(qty) FROM items")
     sql(src, "SELECT pg_drop_replication_slot('dataflare_slot')")
@@ -346,7 +376,35 @@ def catch_up(
         daemon_cpu * per_m,
         native_streaming,
         df_streaming,
+        native_start,
+        df_start,
     )
+
+
+def cold_start(a: PostgresServer, b: PostgresServer, work: Path, runs: int = 3) -> list[float]:
+    """Seconds from a daemon's launch (a new process, the workflow in its config)
+    to streaming from its slot, with a small backlog waiting, for each of ``runs``."""
+    src = fresh_target(a, "src")
+    sql(src, "CREATE PUBLICATION bench_pub FOR TABLE items, bench_done")
+    out = []
+    for run in range(runs):
+        dst = fresh_target(b, "df")
+        sql(src, "SELECT pg_create_logical_replication_slot('dataflare_slot', 'pgoutput')")
+        sql(src, "TRUNCATE items")
+        load(src, 20_000, 1000, "insert", 100 + run)
+        d = DaemonRun(
+            work / f"cold-{run}", src, dst, "dataflare_slot", ["public.items", "public.bench_done"]
+        )
+        settle(dst, a, b)
+        t0 = time.perf_counter()
+        d.start()
+        try:
+            out.append(wait_streaming(src, "dataflare_slot") - t0)
+            wait_sentinel(dst, 100 + run)
+        finally:
+            d.stop()
+        sql(src, "SELECT pg_drop_replication_slot('dataflare_slot')")
+    return out
 
 
 def big_transaction_rss(a: PostgresServer, b: PostgresServer, rows: int, work: Path) -> float:
@@ -482,6 +540,12 @@ def main() -> int:
                 "counted from when each first streamed from its slot)",
                 flush=True,
             )
+            starts = [statistics.median(r[i] for r in results) * 1000 for i in (7, 8)]
+            print(
+                f"{'':<9} start -> streaming from its slot: native {starts[0]:.0f} ms, "
+                f"DataFlare {starts[1]:.0f} ms",
+                flush=True,
+            )
             cpu = [statistics.median(r[i] for r in results) for i in (2, 3, 4)]
             print(
                 f"{'':<9} CPU seconds per million rows, whole machine: native {cpu[0]:.1f}, "
@@ -489,6 +553,12 @@ def main() -> int:
                 f"the PostgreSQL servers and the rest {cpu[1] - cpu[2]:.1f})",
                 flush=True,
             )
+        cold = [c * 1000 for c in cold_start(a, b, work)]
+        print(
+            f"a daemon launched cold, launch -> streaming: median {statistics.median(cold):.0f} "
+            f"ms (runs: {', '.join(f'{c:.0f}' for c in cold)})",
+            flush=True,
+        )
         if args.big_txn:
             peak = big_transaction_rss(a, b, args.big_txn, work)
             print(

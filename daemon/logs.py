@@ -70,13 +70,19 @@ def _text_patch(record: Record) -> bool:
 
 
 _handler_id: int | None = None
+_handler_settings: tuple[str, str] | None = None  # (level, format) of _handler_id
 
 
 def configure(level: str = "INFO", fmt: str = "json", component: str = "dataflare") -> None:
-    """(Re)configure logging; safe to call again on reload."""
-    global _handler_id
-    logger.remove()
+    """(Re)configure logging; safe to call again on reload. A process whose handler
+    already has this level and format (a worker forked from the zygote, which set
+    it up for them) only renames its component: adding a loguru handler costs
+    5-10 ms (sysconfig paths for tracebacks), on the path to a worker's start."""
+    global _handler_id, _handler_settings
     logger.configure(extra={"component": component})
+    if _handler_id is not None and _handler_settings == (level.upper(), fmt):
+        return
+    logger.remove()
     if fmt == "json":
         _handler_id = logger.add(_json_sink, level=level.upper(), backtrace=False, diagnose=False)
     else:
@@ -89,4 +95,5 @@ def configure(level: str = "INFO", fmt: str = "json", component: str = "dataflar
             diagnose=False,
             filter=_text_patch,
         )
+    _handler_settings = (level.upper(), fmt)
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.INFO, force=True)

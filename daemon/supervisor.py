@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dataflare.cdc.errors import EXIT_CONFIG, EXIT_FATAL, EXIT_OK
+from dataflare.cdc.registry import SOURCE_TYPES
 from dataflare.daemon import logs, sdnotify, zygote_client
 from dataflare.daemon.config import (
     ConfigInvalid,
@@ -47,6 +48,7 @@ from dataflare.daemon.watch import ConfigWatcher
 from dataflare.daemon.worker_spec import WorkerSpec
 from dataflare.daemon.zygote import stat_fields
 from dataflare.daemon.zygote_client import ForkedWorker
+from dataflare.sinks.registry import SINK_TYPES
 from loguru import logger
 
 # A worker: started the plain way, or forked by the zygote.
@@ -60,6 +62,18 @@ STRAY_CHECK_S = 30.0  # how often exited children nothing waits for are looked f
 HEALTHY_AFTER_S = 60.0  # a run this long resets the restart backoff
 SHM_PREFIX = "dataflare"
 _KEPT_NOTE = "config file invalid: running the last good configuration"
+
+
+async def warm_zygote(config: DaemonConfig) -> None:
+    """Have the zygote get ready for this configuration's workers (their logging,
+    their source and sink classes), once, rather than each forked worker itself."""
+    z = zygote_client.current()
+    if z is None:
+        return
+    paths = {SOURCE_TYPES[n.type].implementation for wf in config.workflows for n in wf.sources}
+    paths |= {SINK_TYPES[n.type].implementation for wf in config.workflows for n in wf.destinations}
+    d = config.daemon
+    await asyncio.to_thread(z.warm, d.log_level, d.log_format, sorted(paths))
 
 
 class WorkflowState(enum.StrEnum):
@@ -664,6 +678,7 @@ class Supervisor:
             d.socket,
         )
         try:
+            await warm_zygote(config)
             for wf in config.workflows:
                 self._start_workflow(wf)
             self._start_background(config)
@@ -852,6 +867,8 @@ class Supervisor:
         }
 
     async def _apply_plan(self, plan: ReloadPlan, config: DaemonConfig) -> None:
+        if plan.start or plan.restart:
+            await warm_zygote(config)
         for wf in plan.unchanged:
             runner = self.runners[wf.name]
             runner.cfg = wf  # same fingerprint: only description or file may differ

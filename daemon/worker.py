@@ -142,6 +142,16 @@ def takes_pg_text(wf: WorkflowConfig, dest: str) -> bool:
     return bool(check and check(node.config))
 
 
+def warm(log_level: str, log_format: str, implementations: Sequence[str]) -> None:
+    """In the zygote: get ready for workers of a configuration, so its forks skip
+    it: logging set up as theirs will be, their source and sink classes imported.
+    A class that fails to import is left to the worker, which reports it."""
+    logs.configure(log_level, log_format, component="zygote")
+    for path in implementations:
+        with contextlib.suppress(Exception):
+            load_class(path)
+
+
 def _die_with_parent(parent_pid: int) -> None:
     # If the supervisor is SIGKILLed its workers must not live on as orphans
     # writing to the same files as the next daemon.

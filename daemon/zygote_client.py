@@ -124,6 +124,22 @@ class Zygote:
                 return None
             return int(pid)
 
+    def warm(self, log_level: str, log_format: str, implementations: list[str]) -> None:
+        """Have the zygote get ready for such workers (see the zygote's protocol).
+        Blocking: call it from a thread."""
+        with self._lock:
+            if self.broken:
+                return
+            payload = pickle.dumps(("warm", log_level, log_format, implementations))
+            try:
+                socket.send_fds(self._sock, [LEN.pack(len(payload))], [])
+                self._sock.sendall(payload)
+                (reply,) = LEN.unpack(recv_exact(self._sock, LEN.size))
+            except (OSError, EOFError):
+                reply = -1
+            if reply != 0:
+                self._break()
+
     def _break(self) -> None:
         self.broken = True
         self._sock.close()

@@ -3,13 +3,15 @@ subreaper, so the forked workers become its children): run by test_zygote_protoc
 
 Prints one JSON object: for a worker never confirmed and one confirmed, its exit
 code and what it wrote on its status pipe; whether a request with more fds than
-one message carries was refused without breaking the zygote."""
+one message carries was refused without breaking the zygote; which process a warm
+request's classes were imported in (the zygote), a bad path among them."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from pathlib import Path
 
 from dataflare.daemon import zygote_client
 from dataflare.daemon.worker_spec import WorkerSpec
@@ -52,10 +54,15 @@ def main() -> int:
     if z is None:
         print(json.dumps({"error": "no zygote"}))
         return 1
-    result: dict[str, object] = {
-        "unconfirmed": one(z, confirmed=False),
-        "confirmed": one(z, confirmed=True),
+    result: dict[str, object] = {"unconfirmed": one(z, confirmed=False)}
+    z.warm("INFO", "text", ["no_such_module_anywhere:Nothing", "zygote_warm_marker:Thing"])
+    marker = Path(os.environ["DATAFLARE_TEST_WARM_MARKER"])
+    result["warm"] = {
+        "broken": z.broken,
+        "zygote": z.proc.pid,
+        "imported_by": int(marker.read_text()) if marker.exists() else None,
     }
+    result["confirmed"] = one(z, confirmed=True)
     many = [os.open("/dev/null", os.O_RDONLY) for _ in range(300)]
     go_r, go_w = os.pipe()
     result["too_many_fds"] = z.fork(spec(many[0]), many, go_r)
