@@ -9,9 +9,14 @@ extra_float_digits: pgoutput's text values follow them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import functools
 import select
+import socket
+import struct
+import termios
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,16 +26,33 @@ from dataflare.cdc.postgres.pgoutput import format_lsn, standby_status
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-# While the stream flows, how long a read pauses before waiting for more (see
-# ReplicationConnection.read_many). Long enough that the socket's receive window
-# fills: the walsender's sends then queue and leave in large segments instead of
-# one loopback segment per message, which had cost it more than decoding (2.6-3.0
-# against 4.8 us a row, workers as SCHED_BATCH; 0.5 ms before). Longer pauses
-# starved the walsender (8 ms, 20 ms: rates fell). Adds at most this much latency.
+# Flow control of the stream's reader (see ReplicationConnection.read_many).
+#
+# The walsender sends each message as it is decoded. When our receive window is
+# open, every send leaves as its own loopback segment, with the whole TCP path
+# and a wakeup behind it: 3.4-5.9 us a row for the walsender. When the window is
+# closed, a send only appends to its socket's queue, and the queue leaves in
+# large segments as we read: 2.6-2.8 us a row, as for native replication, whose
+# apply worker reads no faster than the walsender sends. Our reader is several
+# times faster than the walsender; left to itself it keeps the window open.
+#
+# How long a read pauses while the stream flows and little is waiting: long
+# enough for the walsender to fill the receive window. Longer pauses starved it
+# (8 ms, 20 ms). Adds at most this much latency.
 COALESCE_S = 0.005
-# A read from the socket that brought fewer messages than this was a trickle: stop
-# reading and hand the burst over rather than wake again for the next few.
-DRAIN_MIN = 32
+# The receive buffer, fixed (no autotuning, which grew it to ~540 KB that 5 ms of
+# the walsender's output did not fill): small enough to be full within the pause.
+# Catching up on 1M inserts (bench/pg_cpu_split.py, 1000000 rows, per run): 64 KB
+# 3.1 us a row for the walsender, 192 KB 2.6-2.7, 256 KB 5.2-5.5, autotuned 3.4-4.9.
+RCVBUF = 192 * 1024
+# With this much waiting in the socket the server is ahead: read on, no pause.
+# (Higher thresholds were rarely reached with this buffer and left the reader
+# pausing while behind: 64 KB halved the rate, 128 KB quartered it.)
+BEHIND_BYTES = 32 * 1024
+# Messages this large (sampled per burst) are few per segment anyway: no pause for
+# them. Paused, rows of 1 KB caught up at 40k rows/s; unpaused, 80k+ (bounded by
+# the destination's COPY parsing).
+SMALL_MSG = 400
 PINNED_OPTIONS = "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3"
 
 
@@ -93,6 +115,14 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _queued(sock: int) -> int:
+    """Bytes waiting in a socket's receive queue (FIONREAD); 0 if it cannot say."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0
+
+
 class ReplicationConnection:
     def __init__(self, dsn: str, connect_timeout: float = 10.0) -> None:
         self.target = safe_target(dsn)
@@ -100,6 +130,7 @@ class ReplicationConnection:
         self.pgconn: pq.abc.PGconn | None = None
         self.streaming = False
         self._flowing = False  # the last read_many returned messages
+        self._small = True  # ... and they were small
 
     def connect(self) -> None:
         pgconn = pq.PGconn.connect(self._conninfo.encode())
@@ -158,23 +189,26 @@ class ReplicationConnection:
             raise CommandError(message, state.decode() if state else "")
         self.pgconn.nonblocking = 1
         self.streaming = True
+        with contextlib.suppress(OSError):
+            sock = socket.socket(fileno=self.pgconn.socket)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            finally:
+                sock.detach()
 
     def read_many(self, timeout: float, limit: int) -> list[Any]:
         """Up to ``limit`` CopyData payloads: waits up to ``timeout`` for the first,
         then takes what has arrived (one wait per burst, not per message).
 
-        The walsender sends each message as its own packet; a reader faster than it
-        that took whatever had arrived woke for every one or two messages, about
-        7 us of system calls per row, more than everything else the source does.
-        So while the stream flows (the previous call returned messages), a call
-        that finds nothing buffered first pauses briefly, then reads what gathered
-        (libpq reads at most ~16 KB at a time: it reads again while a read brings
-        plenty, and stops at a trickle). An idle stream waits without the pause."""
+        libpq reads at most ~16 KB at a time; while at least BEHIND_BYTES wait in
+        the socket, it reads on. With less waiting: a call that already has messages
+        hands them over; one that has none, while the stream flows with small
+        messages, pauses COALESCE_S first so the walsender's sends fill the window
+        and coalesce (see the constants). An idle stream waits without the pause."""
         pg = self.pgconn
         assert pg is not None
         out: list[Any] = []  # bytes (the C loop) or memoryviews (psycopg's call)
         deadline = 0.0
-        mark = 0  # len(out) at the last read from the socket
         ptr: int | None = getattr(pg, "pgconn_ptr", None)  # (not in pq.abc.PGconn)
         fast = _copy_reader() if ptr else None
         while len(out) < limit:
@@ -199,20 +233,22 @@ class ReplicationConnection:
                 raise RetryableError(
                     f"postgres {self.target}: replication stream error: {_msg(pg)}"
                 )
-            if out:
-                if len(out) - mark < DRAIN_MIN:
-                    break  # a trickle: the socket is drained
-                mark = len(out)
+            # Nothing complete in libpq's buffer.
+            if _queued(pg.socket) >= BEHIND_BYTES:
                 try:
-                    self._consume()
+                    self._consume()  # the server is ahead: read on
                 except RetryableError:
-                    return out  # deliver what came first; the next call fails
+                    if out:
+                        return out  # deliver what came first; the next call fails
+                    raise
                 continue
+            if out:
+                break  # little waiting: hand over what came
             if not deadline:
                 deadline = time.monotonic() + timeout
-                if self._flowing:
+                if self._flowing and self._small:
                     self._flowing = False
-                    time.sleep(max(0.0, min(COALESCE_S, timeout)))
+                    time.sleep(max(0.0, min(COALESCE_S, timeout)))  # let the window fill
                     self._consume()
                     continue
             remaining = deadline - time.monotonic()
@@ -222,6 +258,9 @@ class ReplicationConnection:
             if r:
                 self._consume()
         self._flowing = bool(out)
+        if out:
+            # (a sample: the stream's messages are mostly one table's rows)
+            self._small = len(out[0]) + len(out[len(out) // 2]) + len(out[-1]) < 3 * SMALL_MSG
         return out
 
     def _consume(self) -> None:

@@ -466,6 +466,61 @@ def test_a_flowing_stream_is_read_in_bursts(items_db: str, monkeypatch: pytest.M
     assert reads < rows / 20, f"{reads} socket reads for {got} messages"
 
 
+def test_wide_rows_are_read_without_pauses_and_the_window_is_fixed(
+    items_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read pause is for small messages (it lets the walsender's sends
+    coalesce); rows of ~1 KB were read 16 KB per 5 ms pause (3 MB/s). And the
+    receive buffer is fixed, small enough to fill within a pause."""
+    import socket
+
+    from dataflare.cdc.postgres import replication
+
+    sleeps = 0
+    real_sleep = replication.time.sleep
+
+    def counting_sleep(s: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        real_sleep(s)
+
+    run(
+        items_db,
+        "CREATE PUBLICATION wide_pub FOR TABLE items",
+        "SELECT pg_create_logical_replication_slot('wide_slot', 'pgoutput')",
+    )
+    rows = 6000
+    run(
+        items_db,
+        "INSERT INTO items SELECT g, repeat(md5(g::text), 32), 1 "
+        f"FROM generate_series(10000, {10_000 + rows - 1}) g",
+    )
+    cfg = PostgresSourceConfig(
+        dsn=items_db,
+        tables=["public.items"],
+        snapshot="never",
+        slot="wide_slot",
+        publication="wide_pub",
+    )
+    src = PostgresSource("src", cfg, SourceContext("wf test", pg_text=True))
+    monkeypatch.setattr(replication.time, "sleep", counting_sleep)
+    try:
+        src.open(None)
+        assert src._repl is not None and src._repl.pgconn is not None
+        sock = socket.socket(fileno=src._repl.pgconn.socket)
+        try:
+            rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        finally:
+            sock.detach()
+        got = sum(len(b) for b in drain(src, rows, timeout=60))
+    finally:
+        src.close()
+    assert got == rows
+    assert rcvbuf == 2 * replication.RCVBUF  # (Linux doubles what is asked for)
+    # 6 MB of rows: ~380 reads of 16 KB, each once followed by a pause before
+    assert sleeps < 10, f"{sleeps} pauses for {rows} rows of 1 KB"
+
+
 def test_the_c_copy_reader_reads_what_psycopgs_call_reads(
     items_db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
