@@ -45,6 +45,9 @@ COALESCE_S = 0.005
 # Catching up on 1M inserts (bench/pg_cpu_split.py, 1000000 rows, per run): 64 KB
 # 3.1 us a row for the walsender, 192 KB 2.6-2.7, 256 KB 5.2-5.5, autotuned 3.4-4.9.
 RCVBUF = 192 * 1024
+# ... but only where the server is near: a 192 KB window across a 50 ms link would
+# cap the stream at ~4 MB/s. Up to this round trip, 192 KB carries ~100 MB/s.
+NEAR_RTT_US = 2000
 # With this much waiting in the socket the server is ahead: read on, no pause.
 # (Higher thresholds were rarely reached with this buffer and left the reader
 # pausing while behind: 64 KB halved the rate, 128 KB quartered it.)
@@ -113,6 +116,21 @@ def _msg(pgconn: pq.abc.PGconn | None) -> str:
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def fix_window(rtt_us: int | None) -> bool:
+    """Fix the receive buffer at RCVBUF for a TCP connection with this smoothed
+    round trip (None: unknown, left to autotuning)?"""
+    return rtt_us is not None and rtt_us <= NEAR_RTT_US
+
+
+def _rtt_us(sock: socket.socket) -> int | None:
+    """The connection's smoothed round trip in us (Linux TCP_INFO tcpi_rtt)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except (OSError, AttributeError):
+        return None
+    return int(struct.unpack_from("I", info, 68)[0]) if len(info) >= 72 else None
 
 
 def _queued(sock: int) -> int:
@@ -192,7 +210,8 @@ class ReplicationConnection:
         with contextlib.suppress(OSError):
             sock = socket.socket(fileno=self.pgconn.socket)
             try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+                if sock.family in (socket.AF_INET, socket.AF_INET6) and fix_window(_rtt_us(sock)):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
             finally:
                 sock.detach()
 

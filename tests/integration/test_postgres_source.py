@@ -411,6 +411,25 @@ def test_large_transaction_is_spilled_in_incomplete_batches(items_db: str) -> No
     assert all(c.position <= batches[-1].last for b in batches for c in b.changes)
 
 
+def backlog_source(db: str, name: str, *load: str) -> PostgresSource:
+    """A packed-mode source of items on a slot made before ``load`` ran: a backlog
+    bigger than the socket buffers hold is then read as when catching up."""
+    run(
+        db,
+        f"CREATE PUBLICATION {name}_pub FOR TABLE items",
+        f"SELECT pg_create_logical_replication_slot('{name}_slot', 'pgoutput')",
+        *load,
+    )
+    cfg = PostgresSourceConfig(
+        dsn=db,
+        tables=["public.items"],
+        snapshot="never",
+        slot=f"{name}_slot",
+        publication=f"{name}_pub",
+    )
+    return PostgresSource("src", cfg, SourceContext("wf test", pg_text=True))
+
+
 def test_a_flowing_stream_is_read_in_bursts(items_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The walsender sends each message as its own packet; woken per packet, the
     source spent most of its CPU in system calls (about 2 messages per wait). While
@@ -434,25 +453,15 @@ def test_a_flowing_stream_is_read_in_bursts(items_db: str, monkeypatch: pytest.M
 
     # A backlog made before the source starts, bigger than the socket buffers hold:
     # the source then reads as fast as the walsender sends, as when catching up.
-    run(
-        items_db,
-        "CREATE PUBLICATION burst_pub FOR TABLE items",
-        "SELECT pg_create_logical_replication_slot('burst_slot', 'pgoutput')",
-    )
     rows = 60_000
-    for start in range(10_000, 10_000 + rows, 5000):
-        run(
-            items_db,
-            f"INSERT INTO items SELECT g, 'n', 1 FROM generate_series({start}, {start + 4999}) g",
-        )
-    cfg = PostgresSourceConfig(
-        dsn=items_db,
-        tables=["public.items"],
-        snapshot="never",
-        slot="burst_slot",
-        publication="burst_pub",
+    src = backlog_source(
+        items_db,
+        "burst",
+        *(
+            f"INSERT INTO items SELECT g, 'n', 1 FROM generate_series({start}, {start + 4999}) g"
+            for start in range(10_000, 10_000 + rows, 5000)
+        ),
     )
-    src = PostgresSource("src", cfg, SourceContext("wf test", pg_text=True))
     monkeypatch.setattr(replication.select, "select", counting_select)
     monkeypatch.setattr(replication.ReplicationConnection, "_consume", counting_consume)
     try:
@@ -484,25 +493,13 @@ def test_wide_rows_are_read_without_pauses_and_the_window_is_fixed(
         sleeps += 1
         real_sleep(s)
 
-    run(
-        items_db,
-        "CREATE PUBLICATION wide_pub FOR TABLE items",
-        "SELECT pg_create_logical_replication_slot('wide_slot', 'pgoutput')",
-    )
     rows = 6000
-    run(
+    src = backlog_source(
         items_db,
+        "wide",
         "INSERT INTO items SELECT g, repeat(md5(g::text), 32), 1 "
         f"FROM generate_series(10000, {10_000 + rows - 1}) g",
     )
-    cfg = PostgresSourceConfig(
-        dsn=items_db,
-        tables=["public.items"],
-        snapshot="never",
-        slot="wide_slot",
-        publication="wide_pub",
-    )
-    src = PostgresSource("src", cfg, SourceContext("wf test", pg_text=True))
     monkeypatch.setattr(replication.time, "sleep", counting_sleep)
     try:
         src.open(None)
