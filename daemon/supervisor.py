@@ -64,16 +64,19 @@ SHM_PREFIX = "dataflare"
 _KEPT_NOTE = "config file invalid: running the last good configuration"
 
 
-async def warm_zygote(config: DaemonConfig) -> None:
+def warm_zygote(config: DaemonConfig) -> None:
     """Have the zygote get ready for this configuration's workers (their logging,
-    their source and sink classes), once, rather than each forked worker itself."""
+    their source and sink classes), once, rather than each forked worker itself.
+    Runs in the background; forks wait for it (zygote_client.warmed)."""
     z = zygote_client.current()
     if z is None:
         return
     paths = {SOURCE_TYPES[n.type].implementation for wf in config.workflows for n in wf.sources}
     paths |= {SINK_TYPES[n.type].implementation for wf in config.workflows for n in wf.destinations}
     d = config.daemon
-    await asyncio.to_thread(z.warm, d.log_level, d.log_format, sorted(paths))
+    zygote_client.warming = asyncio.ensure_future(
+        asyncio.to_thread(z.warm, d.log_level, d.log_format, sorted(paths))
+    )
 
 
 class WorkflowState(enum.StrEnum):
@@ -340,6 +343,7 @@ class WorkflowRunner:
         self, z: zygote_client.Zygote, spec: WorkerSpec, fds: list[int]
     ) -> ForkedWorker | None:
         """The worker forked by the zygote, or None (then the plain way)."""
+        await zygote_client.warmed()
         go_r, go_w = os.pipe()
         try:
             forking = asyncio.ensure_future(asyncio.to_thread(z.fork, spec, fds, go_r))
@@ -678,7 +682,7 @@ class Supervisor:
             d.socket,
         )
         try:
-            await warm_zygote(config)
+            warm_zygote(config)
             for wf in config.workflows:
                 self._start_workflow(wf)
             self._start_background(config)
@@ -868,7 +872,7 @@ class Supervisor:
 
     async def _apply_plan(self, plan: ReloadPlan, config: DaemonConfig) -> None:
         if plan.start or plan.restart:
-            await warm_zygote(config)
+            warm_zygote(config)
         for wf in plan.unchanged:
             runner = self.runners[wf.name]
             runner.cfg = wf  # same fingerprint: only description or file may differ

@@ -163,6 +163,20 @@ class Zygote:
 
 
 _current: Zygote | None = None
+# The supervisor's last warm request (Zygote.warm, in a thread), which forks wait
+# for: sent first, it is what they inherit.
+warming: asyncio.Future[None] | None = None
+
+
+async def warmed() -> None:
+    """Wait for the last warm request, whatever its outcome (not cancelled with
+    the waiter: it would leave the request half-sent)."""
+    import asyncio
+
+    w = warming
+    if w is not None and not w.done():
+        with contextlib.suppress(Exception):
+            await asyncio.shield(w)
 
 
 def start() -> None:

@@ -228,6 +228,10 @@ class ReplicationConnection:
         assert pg is not None
         out: list[Any] = []  # bytes (the C loop) or memoryviews (psycopg's call)
         deadline = 0.0
+        # Reading on while behind is bounded too: a message of hundreds of MB keeps
+        # the socket full for its whole arrival, and the caller must still send its
+        # status in time (the server's wal_sender_timeout).
+        until = time.monotonic() + timeout
         ptr: int | None = getattr(pg, "pgconn_ptr", None)  # (not in pq.abc.PGconn)
         fast = _copy_reader() if ptr else None
         while len(out) < limit:
@@ -253,7 +257,13 @@ class ReplicationConnection:
                     f"postgres {self.target}: replication stream error: {_msg(pg)}"
                 )
             # Nothing complete in libpq's buffer.
-            if _queued(pg.socket) >= BEHIND_BYTES:
+            try:
+                fd = pg.socket
+            except Exception:  # libpq dropped the socket: the connection is gone
+                raise RetryableError(
+                    f"postgres {self.target}: connection lost: {_msg(pg)}"
+                ) from None
+            if _queued(fd) >= BEHIND_BYTES and time.monotonic() < until:
                 try:
                     self._consume()  # the server is ahead: read on
                 except RetryableError:
@@ -264,7 +274,7 @@ class ReplicationConnection:
             if out:
                 break  # little waiting: hand over what came
             if not deadline:
-                deadline = time.monotonic() + timeout
+                deadline = until
                 if self._flowing and self._small:
                     self._flowing = False
                     time.sleep(max(0.0, min(COALESCE_S, timeout)))  # let the window fill
