@@ -30,6 +30,7 @@ from dataflare.daemon.zygote import (
 
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Callable
 
 
 class ZygoteProcess:
@@ -109,36 +110,31 @@ class Zygote:
         Blocking: call it from a thread."""
         if len(fds) + 1 > MAX_FDS:
             return None  # more than one message carries: the plain way, this once
-        with self._lock:
-            if self.broken:
-                return None
-            payload = pickle.dumps((list(fds), spec))
-            try:
-                socket.send_fds(self._sock, [LEN.pack(len(payload))], [go, *fds])
-                self._sock.sendall(payload)
-                (pid,) = LEN.unpack(recv_exact(self._sock, LEN.size))
-            except (OSError, EOFError):
-                pid = -1
-            if pid <= 0:
-                self._break()
-                return None
-            return int(pid)
+        return self._request(pickle.dumps((list(fds), spec)), [go, *fds], lambda pid: pid > 0)
 
     def warm(self, log_level: str, log_format: str, implementations: list[str]) -> None:
         """Have the zygote get ready for such workers (see the zygote's protocol).
         Blocking: call it from a thread."""
+        request = ("warm", log_level, log_format, implementations)
+        self._request(pickle.dumps(request), [], lambda reply: reply == 0)
+
+    def _request(self, payload: bytes, fds: list[int], ok: Callable[[int], bool]) -> int | None:
+        """Send one request, the fds attached, and return the zygote's reply; None
+        if the zygote is broken. A failed exchange or a reply that is not ``ok``
+        breaks it (the caller then starts workers the plain way)."""
         with self._lock:
             if self.broken:
-                return
-            payload = pickle.dumps(("warm", log_level, log_format, implementations))
+                return None
             try:
-                socket.send_fds(self._sock, [LEN.pack(len(payload))], [])
+                socket.send_fds(self._sock, [LEN.pack(len(payload))], fds)
                 self._sock.sendall(payload)
                 (reply,) = LEN.unpack(recv_exact(self._sock, LEN.size))
             except (OSError, EOFError):
                 reply = -1
-            if reply != 0:
+            if not ok(reply):
                 self._break()
+                return None
+            return int(reply)
 
     def _break(self) -> None:
         self.broken = True

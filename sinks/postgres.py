@@ -807,7 +807,7 @@ class PostgresSink(TransactionalSqlSink):
                 action,
             )
             if t.direct_ok and self._merge_ok(ident):
-                t.merge_sql = self._merge_sql(t, nonkey)
+                t.merge_sql = self._merge_sql(t, colids, nonkey)
         self._tables[schema.table] = t
         return t
 
@@ -825,13 +825,12 @@ class PostgresSink(TransactionalSqlSink):
         return bool(row and row[0])
 
     @staticmethod
-    def _merge_sql(t: _Table, nonkey: Sequence[str]) -> sql.Composed:
+    def _merge_sql(t: _Table, colids: sql.Composable, nonkey: Sequence[str]) -> sql.Composed:
         """The upsert of the staged rows as a MERGE, in a savepoint (see _upsert),
         with joins planned as index lookups: the staging table has no statistics, and
         a hash join would read the whole target for every batch."""
         schema = t.schema
         assert t.staging is not None
-        colids = sql.SQL(", ").join(sql.Identifier(c.name) for c in schema.columns)
         matched = (
             sql.SQL(" WHEN MATCHED THEN UPDATE SET {}").format(
                 sql.SQL(", ").join(
@@ -865,20 +864,19 @@ class PostgresSink(TransactionalSqlSink):
     def _upsert(self, t: _Table) -> None:
         """Upsert the staged rows. As a MERGE where the server has it: an update
         then locks no row first (INSERT ... ON CONFLICT writes a lock, then the new
-        version: ~18% more WAL a row; updates in bench/pg_sink_bench.py: 151k -> 166-173k
-        rows/s). Its
-        one weakness, a key inserted by someone else meanwhile (a unique violation
-        where ON CONFLICT would update), rolls back to the savepoint and upserts."""
+        version: ~18% more WAL a row; updates in bench/pg_sink_bench.py: 151k ->
+        166-173k rows/s). Its one weakness, a key inserted by someone else meanwhile
+        (a unique violation where ON CONFLICT would update), rolls back to the
+        savepoint and upserts."""
         conn = self._require()
         if t.merge_sql is not None:
             try:
                 conn.execute(t.merge_sql)
                 return
-            except psycopg.errors.UniqueViolation:
+            except (psycopg.errors.UniqueViolation, psycopg.errors.FeatureNotSupported) as e:
                 conn.execute("ROLLBACK TO SAVEPOINT dataflare_merge")
-            except psycopg.errors.FeatureNotSupported:
-                conn.execute("ROLLBACK TO SAVEPOINT dataflare_merge")
-                t.merge_sql = None  # (a rule added since): the upsert from now on
+                if isinstance(e, psycopg.errors.FeatureNotSupported):
+                    t.merge_sql = None  # (a rule added since): the upsert from now on
         conn.execute(t.upsert_sql or sql.SQL(""))
 
     def _key_is_unique(self, ident: sql.Identifier, key: Sequence[str]) -> bool:

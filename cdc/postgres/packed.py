@@ -15,6 +15,7 @@ a transaction per call.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,10 +65,12 @@ def encoded_txn(value: int, tag: str, xid: int | None, ts: int | None, count: in
     return b"\x95" + fields[1:] + array_header(count)
 
 
-def pack_encoded(relids: list[list[int]], txns: list[bytes | bytearray], ntxns: int) -> list[Any]:
-    """pack()'s payload from ``ntxns`` transactions already encoded in ``txns``
-    (encoded_txn headers, each followed by its messages)."""
-    return [relids, b"".join((array_header(ntxns), *txns))]
+def pack_encoded(
+    relids: list[list[int]], txns: Sequence[tuple[bytes, bytes | bytearray]]
+) -> list[Any]:
+    """pack()'s payload from transactions already encoded: (encoded_txn header,
+    its messages) each."""
+    return [relids, b"".join((array_header(len(txns)), *itertools.chain.from_iterable(txns)))]
 
 
 def _split(payload: Any, schemas: Sequence[TableSchema]) -> tuple[list[Any], Any]:

@@ -227,7 +227,7 @@ class ReplicationConnection:
         pg = self.pgconn
         assert pg is not None
         out: list[Any] = []  # bytes (the C loop) or memoryviews (psycopg's call)
-        deadline = 0.0
+        waited = False  # (the pause comes once, before the first wait)
         # Reading on while behind is bounded too: a message of hundreds of MB keeps
         # the socket full for its whole arrival, and the caller must still send its
         # status in time (the server's wal_sender_timeout).
@@ -273,17 +273,17 @@ class ReplicationConnection:
                 continue
             if out:
                 break  # little waiting: hand over what came
-            if not deadline:
-                deadline = until
+            if not waited:
+                waited = True
                 if self._flowing and self._small:
                     self._flowing = False
                     time.sleep(max(0.0, min(COALESCE_S, timeout)))  # let the window fill
                     self._consume()
                     continue
-            remaining = deadline - time.monotonic()
+            remaining = until - time.monotonic()
             if remaining <= 0:
                 return out
-            r, _, _ = select.select([pg.socket], [], [], remaining)
+            r, _, _ = select.select([fd], [], [], remaining)
             if r:
                 self._consume()
         self._flowing = bool(out)

@@ -133,18 +133,21 @@ class _PackedTxn:
         self.buf += msgpack.packb(relid)
         self.n += 1
 
-    def counts(self) -> Iterator[tuple[int, int]]:
-        """(tally key, messages) of each run."""
-        runs = self.runs
+    def counts(self) -> Counter[int]:
+        """Messages by tally key."""
+        runs, out = self.runs, Counter[int]()
         for j, (tally, _, first) in enumerate(runs):
-            yield tally, (runs[j + 1][2] if j + 1 < len(runs) else self.n) - first
+            out[tally] += (runs[j + 1][2] if j + 1 < len(runs) else self.n) - first
+        return out
 
     def relations(self) -> Iterator[_Relation]:
         return (rel for _, rel, _ in self.runs)
 
-    def encoded(self, value: int, tag: str, xid: int | None, ts: int | None) -> list[Any]:
-        """This transaction as packed.pack encodes one, in two pieces."""
-        return [encoded_txn(value, tag, xid, ts, self.n), self.buf]
+    def encoded(
+        self, value: int, tag: str, xid: int | None, ts: int | None
+    ) -> tuple[bytes, bytearray]:
+        """This transaction as packed.pack encodes one: its header, its messages."""
+        return encoded_txn(value, tag, xid, ts, self.n), self.buf
 
 
 @dataclass
@@ -258,9 +261,7 @@ class PostgresSource:
         self._ptxn = _PackedTxn()  # packed mode's open transaction (_txn stays empty)
         self._ready: list[Change] = []
         self._ready_count = 0  # changes ready (in _ready, or packed in _ready_txns)
-        # packed: the ready transactions, encoded (_PackedTxn.encoded), and how many
-        self._ready_txns: list[Any] = []
-        self._ready_ntxns = 0
+        self._ready_txns: list[tuple[bytes, bytearray]] = []  # packed: _PackedTxn.encoded
         self._ready_first_end = 0  # packed: the end LSN of the first ready transaction
         self._ready_counts: Counter[int] = Counter()  # packed: by tally key
         self._ready_last: Position | None = None  # set while a complete batch is ready
@@ -954,13 +955,10 @@ class PostgresSource:
             # each run's relation is the current one)
             for rel in ptxn.relations():
                 self._ready_rels[rel.schema.table] = rel
-            if not self._ready_ntxns:
+            if not self._ready_txns:
                 self._ready_first_end = msg.end_lsn
-            self._ready_txns.extend(ptxn.encoded(msg.end_lsn, "", xid, msg.commit_ts_us))
-            self._ready_ntxns += 1
-            counts = self._ready_counts
-            for tally, n in ptxn.counts():
-                counts[tally] += n
+            self._ready_txns.append(ptxn.encoded(msg.end_lsn, "", xid, msg.commit_ts_us))
+            self._ready_counts.update(ptxn.counts())
             self._ready_count += ptxn.n
         else:
             # Relations by id (hashing a _Relation's TableId per change would cost more).
@@ -983,10 +981,9 @@ class PostgresSource:
         schemas = [r.schema for r in rels]
         if self._pg_text:
             txns, self._ready_txns = self._ready_txns, []
-            ntxns, self._ready_ntxns = self._ready_ntxns, 0
             counts, self._ready_counts = self._ready_counts, Counter()
-            first = Position(KIND, self._ready_first_end) if ntxns else last
-            packed = self._pack(rels, schemas, txns, ntxns, count, counts)
+            first = Position(KIND, self._ready_first_end) if txns else last
+            packed = self._pack(rels, schemas, txns, count, counts)
             return Batch([], schemas, first, last, True, pg_text=self._texts(rels), packed=packed)
         first = changes[0].position if changes else last
         return Batch(changes, schemas, first, last, complete=True)
@@ -995,8 +992,7 @@ class PostgresSource:
     def _pack(
         rels: list[_Relation],
         schemas: list[TableSchema],
-        txns: list[Any],
-        ntxns: int,
+        txns: list[tuple[bytes, bytearray]],
         count: int,
         counts: Counter[int],
     ) -> Packed:
@@ -1007,7 +1003,7 @@ class PostgresSource:
         for key, n in counts.items():
             k = (tables[key >> 8], _OP_OF_TAG[key & 0xFF])
             tally[k] = tally.get(k, 0) + n
-        return Packed(PACKED_DECODER, count, pack_encoded(relids, txns, ntxns), tally)
+        return Packed(PACKED_DECODER, count, pack_encoded(relids, txns), tally)
 
     def _texts(self, rels: Iterable[_Relation]) -> dict[TableId, tuple[int, ...]]:
         if not self._pg_text:
@@ -1025,11 +1021,8 @@ class PostgresSource:
         if self._pg_text:
             rels = [r for _, r in sorted({r.schema.table: r for r in ptxn.relations()}.items())]
             schemas = [r.schema for r in rels]
-            counts: Counter[int] = Counter()
-            for tally, n in ptxn.counts():
-                counts[tally] += n
             txn = ptxn.encoded(pos.value, pos.tag, xid, ts)
-            packed_rows = self._pack(rels, schemas, txn, 1, ptxn.n, counts)
+            packed_rows = self._pack(rels, schemas, [txn], ptxn.n, ptxn.counts())
             return Batch(
                 [], schemas, pos, pos, False, pg_text=self._texts(rels), packed=packed_rows
             )

@@ -430,26 +430,25 @@ def backlog_source(db: str, name: str, *load: str) -> PostgresSource:
     return PostgresSource("src", cfg, SourceContext("wf test", pg_text=True))
 
 
+def counted(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[int]:
+    """Count the calls of ``owner.name`` for the test: a one-item list, updated."""
+    calls = [0]
+    real = getattr(owner, name)
+
+    def counting(*args: Any) -> Any:
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 def test_a_flowing_stream_is_read_in_bursts(items_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The walsender sends each message as its own packet; woken per packet, the
     source spent most of its CPU in system calls (about 2 messages per wait). While
     the stream flows, a read pauses briefly first and takes what gathered, reading
     the socket again only while a read brings plenty."""
     from dataflare.cdc.postgres import replication
-
-    waits = reads = 0
-    real_select = replication.select.select
-    real_consume = replication.ReplicationConnection._consume
-
-    def counting_select(*args: Any) -> Any:
-        nonlocal waits
-        waits += 1
-        return real_select(*args)
-
-    def counting_consume(self: Any) -> None:
-        nonlocal reads
-        reads += 1
-        real_consume(self)
 
     # A backlog made before the source starts, bigger than the socket buffers hold:
     # the source then reads as fast as the walsender sends, as when catching up.
@@ -462,8 +461,8 @@ def test_a_flowing_stream_is_read_in_bursts(items_db: str, monkeypatch: pytest.M
             for start in range(10_000, 10_000 + rows, 5000)
         ),
     )
-    monkeypatch.setattr(replication.select, "select", counting_select)
-    monkeypatch.setattr(replication.ReplicationConnection, "_consume", counting_consume)
+    waits = counted(monkeypatch, replication.select, "select")
+    reads = counted(monkeypatch, replication.ReplicationConnection, "_consume")
     try:
         src.open(None)
         got = sum(len(b) for b in drain(src, rows, timeout=60))
@@ -471,8 +470,8 @@ def test_a_flowing_stream_is_read_in_bursts(items_db: str, monkeypatch: pytest.M
         src.close()
     assert got == rows
     # neither waits nor reads from the socket per packet (each was ~1 per 2 rows)
-    assert waits < rows / 20, f"{waits} waits for {got} messages"
-    assert reads < rows / 20, f"{reads} socket reads for {got} messages"
+    assert waits[0] < rows / 20, f"{waits[0]} waits for {got} messages"
+    assert reads[0] < rows / 20, f"{reads[0]} socket reads for {got} messages"
 
 
 def test_wide_rows_are_read_without_pauses_and_the_window_is_fixed(
@@ -485,14 +484,6 @@ def test_wide_rows_are_read_without_pauses_and_the_window_is_fixed(
 
     from dataflare.cdc.postgres import replication
 
-    sleeps = 0
-    real_sleep = replication.time.sleep
-
-    def counting_sleep(s: float) -> None:
-        nonlocal sleeps
-        sleeps += 1
-        real_sleep(s)
-
     rows = 6000
     src = backlog_source(
         items_db,
@@ -500,7 +491,7 @@ def test_wide_rows_are_read_without_pauses_and_the_window_is_fixed(
         "INSERT INTO items SELECT g, repeat(md5(g::text), 32), 1 "
         f"FROM generate_series(10000, {10_000 + rows - 1}) g",
     )
-    monkeypatch.setattr(replication.time, "sleep", counting_sleep)
+    sleeps = counted(monkeypatch, replication.time, "sleep")
     try:
         src.open(None)
         assert src._repl is not None and src._repl.pgconn is not None
@@ -515,7 +506,7 @@ def test_wide_rows_are_read_without_pauses_and_the_window_is_fixed(
     assert got == rows
     assert rcvbuf == 2 * replication.RCVBUF  # (Linux doubles what is asked for)
     # 6 MB of rows: ~380 reads of 16 KB, each once followed by a pause before
-    assert sleeps < 10, f"{sleeps} pauses for {rows} rows of 1 KB"
+    assert sleeps[0] < 10, f"{sleeps[0]} pauses for {rows} rows of 1 KB"
 
 
 def test_the_c_copy_reader_reads_what_psycopgs_call_reads(

@@ -191,16 +191,16 @@ def test_encoded_transactions_are_what_pack_makes() -> None:
         [2**40, "partial", None, None, [b"U" * 300] * 20],
         [300, "", 2**33, -5, []],
     ]
-    chunks: list[Any] = []
-    for value, tag, xid, ts, msgs in txns:
-        chunks.append(encoded_txn(value, tag, xid, ts, len(msgs)))
-        chunks.append(b"".join(msgpack.packb(m) for m in msgs))
+    chunks = [
+        (encoded_txn(value, tag, xid, ts, len(msgs)), b"".join(msgpack.packb(m) for m in msgs))
+        for value, tag, xid, ts, msgs in txns
+    ]
     relids = [[16384, 0]]
-    assert pack_encoded(relids, chunks, len(txns)) == pack(relids, txns)
+    assert pack_encoded(relids, chunks) == pack(relids, txns)
     many = [[i, "", i, i, []] for i in range(70_000)]  # array16 and array32 headers
-    enc = [encoded_txn(i, "", i, i, 0) for i in range(70_000)]
-    assert pack_encoded(relids, enc, 70_000) == pack(relids, many)
-    assert pack_encoded(relids, enc[:20], 20) == pack(relids, many[:20])
+    enc = [(encoded_txn(i, "", i, i, 0), b"") for i in range(70_000)]
+    assert pack_encoded(relids, enc) == pack(relids, many)
+    assert pack_encoded(relids, enc[:20]) == pack(relids, many[:20])
 
 
 TEXT = st.binary(max_size=12).filter(lambda b: b"\x00" not in b)  # PostgreSQL text: no NUL
